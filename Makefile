@@ -1,0 +1,45 @@
+# Two commands matter (see README): `make run` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export SPIN_CACHE_DIR ?= $(CURDIR)/.cache/spin
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# vLLM on CPU (see README, "Running on CPU").
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: run test test-fast lint crd venv clean
+
+venv: $(VENV_STAMP)
+
+# torch comes first from the CPU wheel on this kind of machine's disk (pip's find-links);
+# then everything pinned in requirements/lock.txt with --no-deps, so nothing resolves to a CUDA build.
+$(VENV_STAMP): requirements/lock.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels) torch==2.13.0
+	$(PY) -m pip install -q --no-deps -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+run: $(VENV_STAMP)
+	.venv/bin/spin validate manifests/examples/spinrun-tiny.yaml
+
+test: $(VENV_STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest
+
+test-fast: $(VENV_STAMP)
+	.venv/bin/python -m pytest -m "not slow"
+
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+crd: $(VENV_STAMP)
+	.venv/bin/spin crd -o manifests/crd/spinruns.selfplay.dev.yaml
+	cp manifests/crd/spinruns.selfplay.dev.yaml charts/spin-operator/crds/spinruns.selfplay.dev.yaml
+
+clean:
+	rm -rf .venv .cache

@@ -1,0 +1,139 @@
+"""Generate the SpinRun CustomResourceDefinition from the pydantic models in `spin_core.spec`.
+
+Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema. This module
+inlines `$ref`s, turns `Optional[X]` into plain `X`, rewrites numeric exclusive bounds, drops titles,
+and attaches the cross-field CEL rules (`x-kubernetes-validations`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from spin_core import spec as s
+
+_DROP = {"title", "$defs"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        return _structural({**target, **extra}, defs)
+    node = dict(node)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if node.get("x-kubernetes-int-or-string"):
+            options = []  # int-or-string carries no type of its own
+        if len(options) == 1:
+            merged = {**options[0], **node}
+            if merged.get("default", 0) is None:
+                merged.pop("default")
+            return _structural(merged, defs)
+        if options:
+            raise ValueError(f"cannot express anyOf {options} in a structural schema")
+    if node.get("default", 0) is None:
+        node.pop("default")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out[key.replace("exclusiveM", "m")] = value
+            out[key] = True
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "properties":
+            out[key] = {name: _structural(prop, defs) for name, prop in value.items()}
+        else:
+            out[key] = _structural(value, defs)
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    if "enum" in out and "type" not in out:
+        kinds = {type(v) for v in out["enum"]}
+        out["type"] = "integer" if kinds == {int} else "string"
+    return out
+
+
+def _with_rules(schema: dict[str, Any], path: list[str], rules: list[dict[str, str]]) -> None:
+    node = schema
+    for part in path:
+        node = node["properties"][part]
+    node["x-kubernetes-validations"] = rules
+
+
+def spec_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the SpinRun CRD."""
+    spec_json = s.SpinRunSpec.model_json_schema(by_alias=True, mode="validation")
+    status_json = s.SpinRunStatus.model_json_schema(by_alias=True, mode="validation")
+    spec = _structural(spec_json, spec_json.get("$defs", {}))
+    status = _structural(status_json, status_json.get("$defs", {}))
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    _with_rules(spec, ["training"], s.TRAINING_RULES)
+    spec["x-kubernetes-validations"] = s.SPEC_RULES
+    return {
+        "type": "object",
+        "description": s.SpinRun.__doc__ + " Self-Play Fine-Tuning (Chen et al., 2024) of a language model.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": f"size(self.metadata.name) <= {s.MAX_NAME_LENGTH}",
+                "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters (children add suffixes)",
+            }
+        ],
+    }
+
+
+def crd() -> dict[str, Any]:
+    """The whole CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{s.PLURAL}.{s.GROUP}"},
+        "spec": {
+            "group": s.GROUP,
+            "names": {
+                "kind": s.KIND,
+                "listKind": f"{s.KIND}List",
+                "plural": s.PLURAL,
+                "singular": s.KIND.lower(),
+                "shortNames": [s.SHORT_NAME],
+                "categories": ["all"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": s.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": spec_schema()},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Iteration", "type": "string", "jsonPath": ".status.progress"},
+                        {"name": "Latest checkpoint", "type": "string", "jsonPath": ".status.latestCheckpoint"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML committed under manifests/crd and charts/spin-operator/crds."""
+    header = "# Generated by `spin crd` from spin_core/spec.py. Do not edit: change the models and regenerate.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
