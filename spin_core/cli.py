@@ -61,5 +61,50 @@ def crd(
         sys.stdout.write(text)
 
 
+SpecOption = Annotated[Path, typer.Option("--spec", help="The resolved SpinRun (YAML or JSON) this job belongs to.")]
+IterationOption = Annotated[int, typer.Option("--iteration", "-t", min=1, help="SPIN iteration, 1-based.")]
+
+
+def _run_job(fn, *args) -> None:
+    """Run a job's library entry point; user-facing errors become one line and exit code 2."""
+    from spin_core.errors import SpinError
+
+    try:
+        code = fn(*args)
+    except SpinError as e:
+        fail(str(e), 2)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was published", 130)
+    raise typer.Exit(code or 0)
+
+
+@app.command()
+def generate(
+    spec: SpecOption,
+    iteration: IterationOption,
+    shard_index: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-index",
+            min=0,
+            envvar="JOB_COMPLETION_INDEX",
+            help="Shard to generate (default: the Indexed Job's index).",
+        ),
+    ] = None,
+) -> None:
+    """Generation job: the model of the iteration answers its shard of the prompts; publishes the shard."""
+    from spin_core import generate as job
+
+    _run_job(job.main, spec, iteration, shard_index)
+
+
+@app.command()
+def train(spec: SpecOption, iteration: IterationOption) -> None:
+    """Training job (run under torchrun or a PyTorchJob): trains M_t against M_{t-1}; publishes the checkpoint."""
+    from spin_core import train as job
+
+    _run_job(job.main, spec, iteration)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()

@@ -9,10 +9,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from spin_core.errors import SpinError
 from spin_core.spec import API_VERSION, KIND, SpinRun
 
 
-class SpecError(ValueError):
+class SpecError(SpinError):
     """A SpinRun that cannot be used; `problems` holds one human-readable line per problem."""
 
     def __init__(self, source: str, problems: list[str]):

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from spin_core.errors import SpinError
+
 MANIFEST = "MANIFEST.json"
 _CHUNK = 8 * 1024 * 1024
 
 
-class StoreError(RuntimeError):
+class StoreError(SpinError):
     """Any storage problem, with a message a person can act on."""
 
 
