@@ -106,5 +106,16 @@ def train(spec: SpecOption, iteration: IterationOption) -> None:
     _run_job(job.main, spec, iteration)
 
 
+@app.command("run")
+def run_command(
+    spec: Annotated[Path, typer.Argument(help="The SpinRun file to execute on this machine.")],
+    as_json: Annotated[bool, typer.Option("--json", help="End with a JSON summary line instead of text.")] = False,
+) -> None:
+    """Execute a SpinRun on this machine: generate and train every iteration; rerun to continue after a stop."""
+    from spin_core import local
+
+    _run_job(local.run, spec, as_json)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
