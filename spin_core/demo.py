@@ -1,0 +1,151 @@
+"""The demo task: two-digit addition in chat format, a deliberately weak SFT model, and its scorer.
+
+`spin demo prepare DIR` writes, in a minute on a laptop CPU:
+
+    DIR/train.jsonl      SFT data (messages format) the SpinRun trains on
+    DIR/heldout.jsonl    held-out prompts for evaluation
+    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained just long enough to be weak (~40 % exact match)
+
+The answers are checkable automatically (`score`), so "does SPIN make it stronger?" has a number.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from spin_core.errors import SpinError
+
+SYSTEM = None  # no system turn: the prompt is one user message
+
+
+def problem(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def make_rows(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """n distinct problems as chat rows (`messages` format), none of whose prompts is in `exclude`."""
+    rng, seen, rows = random.Random(seed), set(exclude or ()), []
+    if n > 90 * 90 - len(seen):
+        raise ValueError(f"cannot make {n} distinct problems")
+    while len(rows) < n:
+        prompt, answer = problem(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append(
+            {
+                "prompt_id": f"add-{len(rows):05d}-{seed}",
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            }
+        )
+    return rows
+
+
+def score(prompt: str, reference: str, generated: str) -> float:
+    """Exact match of the answer (whitespace ignored): 1.0 or 0.0. Usable as an evaluation scorer."""
+    del prompt
+    return float(generated.strip() == reference.strip())
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def corpus(rows: list[dict[str, Any]]) -> list[str]:
+    return [m["content"] for r in rows for m in r["messages"]]
+
+
+def sft(model_dir: Path, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> None:
+    """Plain supervised fine-tuning (loss on the answer tokens only), in place; single process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spin_core.chat import encode_pair_side, load_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_dir, str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    examples = []
+    for r in rows:
+        prompt_ids, answer_ids = encode_pair_side(tokenizer, r["messages"][:1], r["messages"][1]["content"], 64, 96)
+        examples.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    for _ in range(steps):
+        batch = rng.sample(examples, min(batch_size, len(examples)))
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def accuracy(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int = 8, batch_size: int = 64) -> float:
+    """Greedy exact-match accuracy of a model on rows (transformers generate, left padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spin_core.chat import load_tokenizer, prompt_token_ids
+
+    tokenizer = load_tokenizer(model_dir, str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    correct = 0.0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids = [prompt_token_ids(tokenizer, r["messages"][:1], 64) for r in chunk]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for r, seq in zip(chunk, out[:, width:], strict=True):
+            text = tokenizer.decode(seq, skip_special_tokens=True)
+            correct += score(r["messages"][0]["content"], r["messages"][1]["content"], text)
+    return correct / max(1, len(rows))
+
+
+def prepare(
+    out: Path,
+    train_size: int = 512,
+    heldout_size: int = 128,
+    sft_steps: int = 150,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the demo dataset and a weak SFT model under `out`; returns a summary."""
+    from spin_core.tiny import build_model, build_tokenizer
+
+    out = Path(out)
+    model_dir = out / "sft-model"
+    if model_dir.exists() and not overwrite:
+        raise SpinError(f"{model_dir} already exists: pass --overwrite to rebuild the demo")
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = make_rows(heldout_size, seed + 1000)
+    train = make_rows(train_size, seed, exclude={r["messages"][0]["content"] for r in heldout})
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "heldout.jsonl", heldout)
+    tokenizer = build_tokenizer(corpus(train + heldout), vocab_size=64)
+    build_model(model_dir, tokenizer, hidden_size=128, layers=2, heads=4, seed=seed)
+    sft(model_dir, train, steps=sft_steps, lr=3e-3, batch_size=32, seed=seed)
+    summary = {"train": len(train), "heldout": len(heldout), "sft_steps": sft_steps}
+    summary["heldout_accuracy"] = accuracy(model_dir, heldout)
+    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    return summary
