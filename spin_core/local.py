@@ -131,9 +131,11 @@ class LocalRunner:
         """Run steps until the planner says done; returns the final progress."""
         if self.run.spec.training.nodes != 1:
             raise SpinError("spec.training.nodes must be 1 for `spin run` (one machine); use the operator for more")
+        progress = self.progress()
+        if plan(self.run.spec, progress).kind != "done":
+            self.preflight(progress)
         self.claim_storage()
         spec_file = self.resolved_spec_file()
-        progress = self.progress()
         while (step := plan(self.run.spec, progress)).kind != "done":
             self.steps_run += 1
             if step.kind == "generate":
@@ -145,6 +147,12 @@ class LocalRunner:
                 raise SpinError(f"{step.describe(self.run.spec.iterations)} finished but published nothing")
             progress = after
         return progress
+
+    def preflight(self, progress: Progress) -> None:
+        """Fail before any expensive step when an input is missing (the jobs would fail the same way later)."""
+        self.ctx.fetch_dataset()
+        if 1 not in progress.trained:
+            self.ctx.fetch_model(1)
 
     def interrupt(self) -> None:
         """Stop the child in flight cleanly (it publishes nothing half-done), then kill it if it lingers."""
