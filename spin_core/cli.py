@@ -106,6 +106,14 @@ def train(spec: SpecOption, iteration: IterationOption) -> None:
     _run_job(job.main, spec, iteration)
 
 
+@app.command()
+def evaluate(spec: SpecOption, iteration: IterationOption) -> None:
+    """Evaluation job: held-out SPIN signal and task score of iteration t's model; publishes iter-<t>/eval.json."""
+    from spin_core import evaluate as job
+
+    _run_job(job.main, spec, iteration)
+
+
 @app.command("run")
 def run_command(
     spec: Annotated[Path, typer.Argument(help="The SpinRun file to execute on this machine.")],
@@ -159,3 +167,39 @@ def demo_prepare(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+@app.command("operator")
+def operator_command(
+    namespace: Annotated[
+        list[str] | None,
+        typer.Option("--namespace", "-n", help="Serve SpinRuns in this namespace (repeatable)."),
+    ] = None,
+    all_namespaces: Annotated[bool, typer.Option("--all-namespaces", "-A", help="Serve every namespace.")] = False,
+    liveness: Annotated[
+        str, typer.Option("--liveness", help="kopf's health endpoint URL; empty disables it.")
+    ] = "http://0.0.0.0:8080/healthz",
+    peering: Annotated[
+        str | None, typer.Option("--peering", help="Coordinate with other operator replicas via this kopf peering.")
+    ] = None,
+    standalone: Annotated[bool, typer.Option("--standalone", help="No peering: the only replica (default).")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the SpinRun operator (kopf): each iteration becomes a generation Job, then a training PyTorchJob."""
+    if bool(namespace) == all_namespaces:
+        fail("give --namespace/-n (repeatable) or --all-namespaces/-A (one of them)")
+    if peering and standalone:
+        fail("--peering and --standalone exclude each other")
+    from spin_operator import run as run_operator
+
+    run_operator(
+        namespaces=namespace or [],
+        all_namespaces=all_namespaces,
+        liveness=liveness,
+        peering=peering,
+        metrics_port=metrics_port,
+        verbose=verbose,
+    )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from spin_core import layout
+from spin_core.data import Example, load_examples
 from spin_core.errors import SpinError
 from spin_core.resource import load, parse
 from spin_core.spec import SpinRun
@@ -66,3 +68,43 @@ class RunContext:
             return fetch_input(self.run.spec.dataset.uri, storage.endpoint, storage.region)
         except NotPublished as e:
             raise SpinError(f"spec.dataset.uri: {e}") from None
+
+    def _load(self, dataset) -> list[Example]:
+        storage = self.run.spec.storage
+        try:
+            path = fetch_input(dataset.uri, storage.endpoint, storage.region)
+        except NotPublished as e:
+            raise SpinError(f"dataset {dataset.uri}: {e}") from None
+        return load_examples(path, dataset, source=dataset.uri).examples
+
+    def training_examples(self) -> list[Example]:
+        """The dataset's examples, minus the held-out ones when evaluation.heldoutFraction is set."""
+        examples = self._load(self.run.spec.dataset)
+        ev = self.run.spec.evaluation
+        if ev is None or ev.heldout_fraction == 0:
+            return examples
+        kept = [e for e in examples if not is_heldout(e.id, ev.heldout_fraction)]
+        if not kept:
+            raise SpinError(f"evaluation.heldoutFraction {ev.heldout_fraction} leaves no training example")
+        return kept
+
+    def heldout_examples(self) -> list[Example]:
+        """The held-out examples evaluation uses (at most evaluation.maxSamples); an empty split is an error."""
+        ev = self.run.spec.evaluation
+        if ev is None:
+            raise SpinError("spec.evaluation is not set")
+        if ev.dataset is not None:
+            examples = self._load(ev.dataset)
+            where = f"evaluation.dataset {ev.dataset.uri}"
+        else:
+            examples = [e for e in self._load(self.run.spec.dataset) if is_heldout(e.id, ev.heldout_fraction)]
+            where = f"evaluation.heldoutFraction {ev.heldout_fraction} of {self.run.spec.dataset.uri}"
+        if not examples:
+            raise SpinError(f"{where}: the held-out split is empty; raise the fraction or give more data")
+        return examples[: ev.max_samples]
+
+
+def is_heldout(example_id: str, fraction: float) -> bool:
+    """Deterministic held-out membership from the prompt id alone (stable across shards, runs and machines)."""
+    bucket = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction

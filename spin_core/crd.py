@@ -42,8 +42,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node.pop("default")
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP:
-            continue
+        if key in _DROP or (key == "additionalProperties" and value is False):
+            continue  # Kubernetes forbids additionalProperties: false; the API server prunes unknown fields
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out[key.replace("exclusiveM", "m")] = value
             out[key] = True
@@ -76,6 +76,7 @@ def spec_schema() -> dict[str, Any]:
     status = _structural(status_json, status_json.get("$defs", {}))
     status["x-kubernetes-preserve-unknown-fields"] = True
     _with_rules(spec, ["training"], s.TRAINING_RULES)
+    _with_rules(spec, ["evaluation"], s.EVALUATION_RULES)
     spec["x-kubernetes-validations"] = s.SPEC_RULES
     return {
         "type": "object",

@@ -25,8 +25,9 @@ from rich.table import Table
 from spin_core import layout
 from spin_core.context import RunContext
 from spin_core.errors import SpinError
-from spin_core.planner import Progress, Step, plan
+from spin_core.planner import Progress, Step, best, plan
 from spin_core.spec import SpinRun
+from spin_core.stopping import load_scorer
 from spin_core.store import AlreadyPublished, NotPublished, Store, cache_dir
 
 # Fields that define what a run *is*: changing them under an existing storage.uri would mix two runs.
@@ -85,7 +86,14 @@ class LocalRunner:
 
     # -- steps -------------------------------------------------------------------------------------
     def progress(self) -> Progress:
-        return Progress.from_published(self.store.published(""), self.run.spec.generation.shards)
+        found = Progress.from_published(self.store.published(""), self.run.spec.generation.shards)
+        if self.run.spec.evaluation is None:
+            return found
+        evaluated = {}
+        for t in sorted(found.trained):
+            with contextlib.suppress(NotPublished):
+                evaluated[t] = self.store.read_json(layout.evaluation(t))
+        return Progress(found.generated, found.trained, evaluated)
 
     def _elapsed(self) -> str:
         seconds = int(time.monotonic() - self.started)
@@ -127,6 +135,13 @@ class LocalRunner:
         threads = max(1, (os.cpu_count() or 1) // training.processes_per_node)
         self._run_child(argv, f"training of iteration {step.iteration}", {"OMP_NUM_THREADS": str(threads)})
 
+    def evaluate(self, spec_file: Path, step: Step) -> None:
+        self.console.rule(
+            f"[bold]iteration {step.iteration}/{self.run.spec.iterations}[/bold] · evaluate · {self._elapsed()}"
+        )
+        argv = [self.python, "-m", "spin_core", "evaluate", "--spec", str(spec_file)]
+        self._run_child([*argv, "--iteration", str(step.iteration)], f"evaluation of iteration {step.iteration}")
+
     def execute(self) -> Progress:
         """Run steps until the planner says done; returns the final progress."""
         if self.run.spec.training.nodes != 1:
@@ -138,19 +153,21 @@ class LocalRunner:
         spec_file = self.resolved_spec_file()
         while (step := plan(self.run.spec, progress)).kind != "done":
             self.steps_run += 1
-            if step.kind == "generate":
-                self.generate(spec_file, step)
-            else:
-                self.train(spec_file, step)
+            {"generate": self.generate, "train": self.train, "evaluate": self.evaluate}[step.kind](spec_file, step)
             after = self.progress()
             if after == progress:
                 raise SpinError(f"{step.describe(self.run.spec.iterations)} finished but published nothing")
             progress = after
+        self.final_step = step
         return progress
 
     def preflight(self, progress: Progress) -> None:
         """Fail before any expensive step when an input is missing (the jobs would fail the same way later)."""
         self.ctx.fetch_dataset()
+        if self.run.spec.evaluation is not None:
+            self.ctx.heldout_examples()
+            if self.run.spec.evaluation.scorer:
+                load_scorer(self.run.spec.evaluation.scorer)
         if 1 not in progress.trained:
             self.ctx.fetch_model(1)
 
@@ -175,6 +192,9 @@ class LocalRunner:
         table.add_column("pairs", justify="right")
         for c in columns:
             table.add_column(c, justify="right")
+        evaluating = self.run.spec.evaluation is not None
+        if evaluating:
+            table.add_column(f"eval {self.run.spec.evaluation.metric}", justify="right")
         table.add_column("model")
         for t in sorted(progress.trained):
             try:
@@ -183,6 +203,9 @@ class LocalRunner:
                 final = {}
             pairs = final.get("pairs/total")
             cells = [f"{final[c]:.4f}" if isinstance(final.get(c), int | float) else "-" for c in columns]
+            if evaluating:
+                value = progress.evaluated.get(t, {}).get(self.run.spec.evaluation.metric)
+                cells.append(f"{value:.4f}" if isinstance(value, int | float) else "-")
             table.add_row(str(t), str(int(pairs)) if pairs else "-", *cells, self.store.uri_of(layout.checkpoint(t)))
         return table
 
@@ -215,10 +238,15 @@ def run(spec_path: Path, as_json: bool = False) -> int:
     if runner.steps_run == 0:
         console.print("[green]nothing to do[/green]: every iteration of this run is already published")
     console.print(runner.summary_table(progress))
-    final = runner.store.uri_of(layout.checkpoint(spec.iterations))
-    result = {"run": runner.run.metadata.name, "phase": "Succeeded", "iterations": spec.iterations, "model": final}
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print(f"spin run {result['run']}: Succeeded, {spec.iterations}/{spec.iterations} iterations, model {final}")
+    done = runner.final_step
+    final = runner.store.uri_of(layout.checkpoint(done.iteration))
+    result = {"run": runner.run.metadata.name, "phase": "Succeeded", "iterations": done.iteration, "model": final}
+    text = f"spin run {result['run']}: Succeeded, {done.iteration}/{spec.iterations} iterations, model {final}"
+    if done.reason:
+        result["stopReason"] = done.reason
+        console.print(f"[yellow]stopped early[/yellow]: {done.reason}")
+    if (top := best(spec, progress)) is not None:
+        result["bestIteration"], result["bestCheckpoint"] = top[0], runner.store.uri_of(layout.checkpoint(top[0]))
+        text += f", best iteration {top[0]} ({spec.evaluation.metric} {top[1]:.4f}): {result['bestCheckpoint']}"
+    print(json.dumps(result) if as_json else text)
     return 0

@@ -244,6 +244,54 @@ class ScheduleEntry(Spec):
     epochs: int | None = Field(default=None, ge=1)
 
 
+class StopWhen(Spec):
+    """When to end a run early (after an iteration's evaluation). Both rules are off by default."""
+
+    patience: int = Field(default=0, ge=0)
+    """Stop when evaluation.metric has not improved by more than minDelta for this many iterations; 0 is off."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """Smallest improvement that counts."""
+    margin_below: float | None = None
+    """Stop when the held-out reward margin of the new model against its opponent falls below this."""
+
+
+class Evaluation(Spec):
+    """Evaluate every iteration on held-out prompts (`iter-<t>/eval.json`); pick the best; stop early."""
+
+    heldout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of the dataset held out (chosen by a hash of each prompt id; never generated for nor trained on)."""
+    dataset: Dataset | None = None
+    """A separate held-out dataset instead of heldoutFraction."""
+    max_samples: int = Field(default=256, ge=1)
+    """Evaluate at most this many held-out prompts."""
+    scorer: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    """Task scorer as module:function(prompt, reference, generated) -> number, e.g. spin_core.demo:score."""
+    metric: Literal["score", "rewards/margins", "rewards/accuracies"] = "score"
+    """What bestIteration and stopWhen.patience look at; score needs a scorer."""
+    backend: Literal["vllm", "hf"] | None = None
+    """Engine for the held-out answers; empty means generation.backend."""
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """Longest held-out answer; empty means generation.maxNewTokens."""
+    stop_when: StopWhen = Field(default_factory=StopWhen)
+
+    @model_validator(mode="after")
+    def _source(self) -> Evaluation:
+        if (self.heldout_fraction > 0) == (self.dataset is not None):
+            raise ValueError("set exactly one of heldoutFraction (> 0) and dataset")
+        if self.metric == "score" and not self.scorer:
+            raise ValueError("metric score needs a scorer (module:function); or use metric rewards/margins")
+        return self
+
+
+EVALUATION_RULES = [
+    {
+        "rule": "(self.heldoutFraction > 0.0) != has(self.dataset)",
+        "message": "set exactly one of heldoutFraction (> 0) and dataset",
+    },
+    {"rule": "self.metric != 'score' || has(self.scorer)", "message": "metric score needs a scorer"},
+]
+
+
 class SpinRunSpec(Spec):
     """What a SpinRun does: start from model, answer dataset prompts, train against itself, repeat."""
 
@@ -263,6 +311,8 @@ class SpinRunSpec(Spec):
     """Per-iteration overrides of beta, learningRate and epochs."""
     suspend: bool = False
     """Cluster only: true suspends the running step's pods; false resumes."""
+    evaluation: Evaluation | None = None
+    """Held-out evaluation after every iteration, early stopping and the best checkpoint; off when empty."""
 
     @model_validator(mode="after")
     def _schedule(self) -> SpinRunSpec:
@@ -327,6 +377,12 @@ class SpinRunStatus(Spec):
     """Human-readable progress, e.g. 2/3."""
     observed_generation: int | None = None
     latest_checkpoint: str | None = None
+    best_iteration: int | None = None
+    """Iteration whose model scored best on evaluation.metric."""
+    best_checkpoint: str | None = None
+    """URI of that model: the one to deploy."""
+    stop_reason: str | None = None
+    """Why the run ended before spec.iterations, when it did."""
     iterations: list[IterationRecord] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     message: str | None = None

@@ -95,3 +95,32 @@ def test_executing_the_plan_alternates_generate_and_train_until_done(iterations,
     assert step.kind == "done"
     assert trained == set(range(1, iterations + 1))
     assert [t for kind, t in history if kind == "train"] == list(range(1, iterations + 1))
+
+
+def with_evaluation(iterations: int = 4, **stop_when) -> SpinRunSpec:
+    spec = make_spec(iterations=iterations, shards=1).model_dump(by_alias=True)
+    spec["evaluation"] = {"heldoutFraction": 0.1, "scorer": "spin_core.demo:score", "stopWhen": stop_when}
+    return SpinRunSpec.model_validate(spec)
+
+
+def test_each_trained_iteration_is_evaluated_before_the_next_starts():
+    spec = with_evaluation()
+    progress = Progress(generated={1: frozenset({0})}, trained=frozenset({1}))
+    assert plan(spec, progress) == Step("evaluate", 1)
+    progress = Progress(progress.generated, progress.trained, {1: {"score": 0.5}})
+    assert plan(spec, progress) == Step("generate", 2, (0,))
+
+
+def test_the_stop_rule_ends_the_run_early_with_a_reason():
+    spec = with_evaluation(patience=1)
+    trained = frozenset({1, 2})
+    generated = {1: frozenset({0}), 2: frozenset({0})}
+    improving = Progress(generated, trained, {1: {"score": 0.5, "baseline_score": 0.4}, 2: {"score": 0.6}})
+    assert plan(spec, improving) == Step("generate", 3, (0,))
+    worse = Progress(generated, trained, {1: {"score": 0.5, "baseline_score": 0.4}, 2: {"score": 0.45}})
+    step = plan(spec, worse)
+    assert step.kind == "done" and step.iteration == 2
+    assert "best 0.5000 at iteration 1" in step.reason
+    # Worse than the starting model already at iteration 1.
+    step = plan(spec, Progress({1: frozenset({0})}, frozenset({1}), {1: {"score": 0.3, "baseline_score": 0.4}}))
+    assert step.kind == "done" and step.iteration == 1 and "iteration 0" in step.reason

@@ -1,0 +1,129 @@
+"""`spin evaluate`: how far iteration t got, on held-out prompts, published as `iter-<t>/eval.json`.
+
+Two numbers per iteration:
+- **the SPIN signal**: the opponent M_{t-1} answers the held-out prompts; the new model M_t should prefer the
+  real answers to those. Reward accuracy and margin (beta * log-ratio against M_{t-1}, as in training) say how
+  well M_t still tells the data from its predecessor's answers. At the paper's fixed point it cannot: accuracy
+  near 0.5 and margin near 0.
+- **the task score** (optional, `evaluation.scorer`): M_t answers greedily and a user function scores each answer
+  against the reference. Iteration 1 also scores M_0, the baseline SPIN must beat.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from spin_core import layout
+from spin_core.chat import encode_pair_side, load_tokenizer, prompt_token_ids
+from spin_core.context import RunContext
+from spin_core.data import Example
+from spin_core.engines import Sampling, derive_seed, open_engine
+from spin_core.errors import SpinError
+from spin_core.stopping import call_scorer, load_scorer
+
+
+def greedy_answers(engine, tokenizer, examples: list[Example], max_prompt: int, max_new: int) -> list[str]:
+    prompts = [prompt_token_ids(tokenizer, e.prompt, max_prompt) for e in examples]
+    out = engine.generate(prompts, [0] * len(prompts), Sampling(0.0, 1.0, max_new))
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in out]
+
+
+def task_score(reference: str, examples: list[Example], answers: list[str]) -> float:
+    scorer = load_scorer(reference)
+    pairs = zip(examples, answers, strict=True)
+    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a) for e, a in pairs]
+    return sum(values) / len(values)
+
+
+def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
+    """Compute (not publish) the evaluation of iteration t."""
+    spec = ctx.run.spec
+    ev = spec.evaluation
+    if ev is None:
+        raise SpinError("spec.evaluation is not set: nothing to evaluate")
+    examples = ctx.heldout_examples()
+    if ev.scorer:
+        load_scorer(ev.scorer)  # fail before any engine starts
+    training, generation = spec.training, spec.generation
+    beta = ctx.run.iteration_settings(t)[0]
+    max_new = ev.max_new_tokens or generation.max_new_tokens
+    started = time.monotonic()
+    opponent_dir = ctx.fetch_model(t)
+    new_dir = ctx.store.fetch(layout.checkpoint(t))
+    tokenizer = load_tokenizer(new_dir, ctx.store.uri_of(layout.checkpoint(t)))
+    backend = ev.backend or generation.backend
+    settings = {"dtype": "float32", "batch_size": generation.batch_size}
+
+    # The opponent answers as it did in training (sampled), and is scored; then the new model.
+    opponent = open_engine(backend, opponent_dir, where=ctx.model_uri(t), **settings)
+    try:
+        prompts = [prompt_token_ids(tokenizer, e.prompt, training.max_prompt_length) for e in examples]
+        seeds = [derive_seed(generation.seed, "eval", t, e.id) for e in examples]
+        sampling = Sampling(generation.temperature, generation.top_p, max_new)
+        generated = [
+            tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in opponent.generate(prompts, seeds, sampling)
+        ]
+        real_pairs = [
+            encode_pair_side(tokenizer, e.prompt, e.real, training.max_prompt_length, training.max_length)
+            for e in examples
+        ]
+        gen_pairs = [
+            encode_pair_side(tokenizer, e.prompt, g, training.max_prompt_length, training.max_length)
+            for e, g in zip(examples, generated, strict=True)
+        ]
+        opp_real, opp_gen = opponent.score(real_pairs), opponent.score(gen_pairs)
+        baseline = None
+        if ev.scorer and t == 1:
+            answers = greedy_answers(opponent, tokenizer, examples, training.max_prompt_length, max_new)
+            baseline = task_score(ev.scorer, examples, answers)
+    finally:
+        opponent.close()
+    new = open_engine(backend, new_dir, where=ctx.store.uri_of(layout.checkpoint(t)), **settings)
+    try:
+        new_real, new_gen = new.score(real_pairs), new.score(gen_pairs)
+        score = None
+        if ev.scorer:
+            answers = greedy_answers(new, tokenizer, examples, training.max_prompt_length, max_new)
+            score = task_score(ev.scorer, examples, answers)
+    finally:
+        new.close()
+
+    real_rewards = [beta * (a - b) for a, b in zip(new_real, opp_real, strict=True)]
+    gen_rewards = [beta * (a - b) for a, b in zip(new_gen, opp_gen, strict=True)]
+    n = len(examples)
+    result: dict[str, Any] = {
+        "iteration": t,
+        "heldout": n,
+        "rewards/real": sum(real_rewards) / n,
+        "rewards/generated": sum(gen_rewards) / n,
+        "rewards/accuracies": sum(r > g for r, g in zip(real_rewards, gen_rewards, strict=True)) / n,
+        "rewards/margins": sum(r - g for r, g in zip(real_rewards, gen_rewards, strict=True)) / n,
+        "logps/real": sum(new_real) / n,
+        "logps/generated": sum(new_gen) / n,
+        "pairs/identical": sum(e.real.strip() == g.strip() for e, g in zip(examples, generated, strict=True)),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    if ev.scorer:
+        result["score"] = score
+        result["scorer"] = ev.scorer
+    if baseline is not None:
+        result["baseline_score"] = baseline
+    return result
+
+
+def main(spec_path: Path, iteration: int) -> int:
+    ctx = RunContext.from_file(spec_path)
+    ctx.check_iteration(iteration)
+    key = layout.evaluation(iteration)
+    if ctx.store.exists(key):
+        print(f"{ctx.store.uri_of(key)} is already published: nothing to do")
+        return 0
+    if not ctx.store.is_published(layout.checkpoint(iteration)):
+        raise SpinError(f"iteration {iteration} has no published model yet: train it before evaluating it")
+    result = evaluate(ctx, iteration)
+    ctx.store.publish_json(key, result)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"evaluation of iteration {iteration}: {shown} -> {ctx.store.uri_of(key)}")
+    return 0
