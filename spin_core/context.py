@@ -79,7 +79,10 @@ class RunContext:
 
     def training_examples(self) -> list[Example]:
         """The dataset's examples, minus the held-out ones when evaluation.heldoutFraction is set."""
-        examples = self._load(self.run.spec.dataset)
+        return self.without_heldout(self._load(self.run.spec.dataset))
+
+    def without_heldout(self, examples: list[Example]) -> list[Example]:
+        """Drop the examples evaluation.heldoutFraction reserves (nothing when it is not set)."""
         ev = self.run.spec.evaluation
         if ev is None or ev.heldout_fraction == 0:
             return examples
