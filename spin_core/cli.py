@@ -91,11 +91,21 @@ def generate(
             help="Shard to generate (default: the Indexed Job's index).",
         ),
     ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option("--shards", help="Comma-separated shards to generate in this process with one engine (e.g. 0,1)."),
+    ] = None,
 ) -> None:
     """Generation job: the model of the iteration answers its shard of the prompts; publishes the shard."""
     from spin_core import generate as job
 
-    _run_job(job.main, spec, iteration, shard_index)
+    indices = None
+    if shards:
+        try:
+            indices = [int(i) for i in shards.split(",")]
+        except ValueError:
+            fail(f"--shards must be comma-separated shard numbers, got {shards!r}")
+    _run_job(job.main, spec, iteration, shard_index, indices)
 
 
 @app.command()

@@ -92,14 +92,17 @@ def engine_settings(ctx: RunContext, want_logprobs: bool) -> dict[str, Any]:
     }
 
 
-def main(spec_path: Path, iteration: int, shard_index: int | None) -> int:
-    """Entry point of `spin generate`: 0 when the shard is published (now or before)."""
+def main(spec_path: Path, iteration: int, shard_index: int | None, shards: list[int] | None = None) -> int:
+    """Entry point of `spin generate`: 0 when the shard(s) are published (now or before).
+
+    `shards` (the local runner's `--shards`) generates several shards in this process with one engine."""
     ctx = RunContext.from_file(spec_path)
-    result = run_shard(ctx, iteration, shard_index)
-    if result.skipped:
-        print(f"{result.uri} is already published: nothing to do", flush=True)
-    else:
-        print(summary(result), flush=True)
+    results = run_shards(ctx, iteration, shards) if shards else [run_shard(ctx, iteration, shard_index)]
+    for result in results:
+        if result.skipped:
+            print(f"{result.uri} is already published: nothing to do", flush=True)
+        else:
+            print(summary(result), flush=True)
     return 0
 
 

@@ -110,15 +110,17 @@ class LocalRunner:
             raise SpinError(f"{what} failed (exit code {code}); see its output above. Run `spin run` again to retry")
 
     def generate(self, spec_file: Path, step: Step) -> None:
+        """All missing shards in one `spin generate` process: one engine start, not one per shard (on one
+        machine the shards would run one after the other anyway)."""
         n = self.run.spec.generation.shards
-        for shard in step.shards:
-            self.console.rule(
-                f"[bold]iteration {step.iteration}/{self.run.spec.iterations}[/bold] · generate shard {shard + 1}/{n}"
-                f" · {self._elapsed()}"
-            )
-            argv = [self.python, "-m", "spin_core", "generate", "--spec", str(spec_file)]
-            argv += ["--iteration", str(step.iteration), "--shard-index", str(shard)]
-            self._run_child(argv, f"generation of iteration {step.iteration} shard {shard}")
+        shards = ",".join(map(str, step.shards))
+        self.console.rule(
+            f"[bold]iteration {step.iteration}/{self.run.spec.iterations}[/bold] · generate shards {shards} of {n}"
+            f" · {self._elapsed()}"
+        )
+        argv = [self.python, "-m", "spin_core", "generate", "--spec", str(spec_file)]
+        argv += ["--iteration", str(step.iteration), "--shards", shards]
+        self._run_child(argv, f"generation of iteration {step.iteration} (shards {shards})")
 
     def train(self, spec_file: Path, step: Step) -> None:
         training = self.run.spec.training
