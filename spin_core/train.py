@@ -1,0 +1,437 @@
+"""`spin train`: iteration t's training job. M_t starts from M_{t-1} and learns to prefer the real answers to
+M_{t-1}'s own, with M_{t-1} frozen as the opponent. Runs under torchrun / a Kubeflow PyTorchJob (MASTER_ADDR,
+MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) or as one plain process; DeepSpeed ZeRO 0/2/3, gloo on CPU, NCCL on GPU.
+
+Read top to bottom: setup -> pairs -> opponent log-probs -> engine -> resume -> the loop -> publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from spin_core import layout
+from spin_core.chat import load_tokenizer
+from spin_core.context import RunContext
+from spin_core.errors import SpinError
+from spin_core.losses import spin_loss
+from spin_core.pairs import Pair, pair_logps
+from spin_core.store import AlreadyPublished, NotPublished
+
+METRICS = (
+    "loss",
+    "rewards/real",
+    "rewards/generated",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/real",
+    "logps/generated",
+)
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); a plain process becomes a world of one."""
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- data order
+def epoch_steps(n_pairs: int, global_batch: int, epoch: int, seed: int) -> list[list[int]]:
+    """Pair indices of each optimizer step of an epoch: a seeded permutation cut into global batches (the last,
+    incomplete batch is dropped, so every step sees exactly globalBatchSize pairs)."""
+    order = list(range(n_pairs))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return [order[i : i + global_batch] for i in range(0, n_pairs - global_batch + 1, global_batch)]
+
+
+def rank_micro_batches(step: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    per_rank = len(step) // world
+    mine = step[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+
+
+# ----------------------------------------------------------------------------------------------- the job
+def deepspeed_config(ctx: RunContext, world: int, bf16: bool) -> dict[str, Any]:
+    tr = ctx.run.spec.training
+    zero: dict[str, Any] = {"stage": tr.zero_stage}
+    if tr.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": tr.global_batch_size,
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.global_batch_size // (tr.micro_batch_size * world),
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(model, name: str, lr: float, weight_decay: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def linear_with_warmup(optimizer, total: int, warmup_ratio: float):
+    import torch
+
+    warmup = math.ceil(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def opponent_logps(model, pairs: list[Pair], rank: int, world: int, batch: int, pad_id: int) -> None:
+    """Fill `pair.opponent` where the generation job did not: each rank scores a slice, all ranks get all."""
+    import torch
+
+    todo = [i for i, p in enumerate(pairs) if p.opponent is None]
+    mine = todo[rank::world]
+    found: dict[int, tuple[float, float]] = {}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), batch):
+            chunk = mine[start : start + batch]
+            real, gen = pair_logps(model, [pairs[i] for i in chunk], pad_id)
+            found.update({i: (r, g) for i, r, g in zip(chunk, real.tolist(), gen.tolist(), strict=True)})
+    for part in all_gather(found):
+        for i, value in part.items():
+            pairs[i].opponent = value
+
+
+def main(spec_path: Path, iteration: int) -> int:
+    ctx = RunContext.from_file(spec_path)
+    ctx.check_iteration(iteration)
+    store, t = ctx.store, iteration
+    if store.is_published(layout.checkpoint(t)):
+        if not store.exists(layout.metrics(t)):  # the last attempt died between the two publishes
+            metrics = json.loads((store.fetch(layout.checkpoint(t)) / "spin_metrics.json").read_text())
+            publish_metrics(store, t, metrics)
+        print(f"{store.uri_of(layout.checkpoint(t))} is already published: nothing to do", flush=True)
+        return 0
+    return Trainer(ctx, t).run()
+
+
+class Trainer:
+    """One iteration's training; state that the loop and checkpointing share."""
+
+    def __init__(self, ctx: RunContext, t: int):
+        self.ctx, self.t = ctx, t
+        self.spec = ctx.run.spec
+        self.tr = self.spec.training
+        self.beta, self.lr, self.epochs = ctx.run.iteration_settings(t)
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def run(self) -> int:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        tr, t = self.tr, self.t
+        # Inputs first: every user-facing error is raised before any distributed work, identically on all ranks.
+        model_dir = self.ctx.fetch_model(t)
+        self.tokenizer = load_tokenizer(model_dir, self.ctx.model_uri(t))
+        from spin_core.pairs import load_pairs
+
+        pairs = load_pairs(self.ctx, t, self.tokenizer)
+        self.rank, self.world, local_rank = init_distributed()
+        if tr.global_batch_size % (tr.micro_batch_size * self.world):
+            raise SpinError(
+                f"globalBatchSize {tr.global_batch_size} is not a multiple of microBatchSize x world size "
+                f"({tr.micro_batch_size} x {self.world})"
+            )
+        if len(pairs) < tr.global_batch_size:
+            raise SpinError(f"iteration {t} has {len(pairs)} pairs, fewer than globalBatchSize {tr.global_batch_size}")
+        gpu = torch.cuda.is_available()
+        bf16 = tr.dtype == "bfloat16" or (tr.dtype == "auto" and gpu)
+        device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+        torch.manual_seed(tr.seed)
+        pad = self.tokenizer.pad_token_id
+
+        reused = sum(p.opponent is not None for p in pairs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        opponent = None
+        if tr.reference_logprobs == "precompute":
+            # The policy starts as M_{t-1}: score the pairs with it before the first update, then keep no opponent.
+            opponent_logps(model, pairs, self.rank, self.world, tr.micro_batch_size * 2, pad)
+        else:
+            opponent = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+            opponent.requires_grad_(False)
+        self.log(
+            f"iteration {t}: {len(pairs)} pairs from iterations {sorted({p.iteration for p in pairs})} "
+            f"({sum(p.identical for p in pairs)} identical), opponent log-probs "
+            f"{'reused from generation for ' + str(reused) if reused else 'computed'} ({tr.reference_logprobs}); "
+            f"beta {self.beta}, lr {self.lr}, {self.epochs} epoch(s), world {self.world}, ZeRO {tr.zero_stage}"
+        )
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if tr.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = tr.lora
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        model.train()
+        steps_per_epoch = len(epoch_steps(len(pairs), tr.global_batch_size, 0, tr.seed))
+        total = steps_per_epoch * self.epochs
+        optimizer = make_optimizer(model, tr.optimizer, self.lr, tr.weight_decay)
+        scheduler = linear_with_warmup(optimizer, total, tr.warmup_ratio)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.ctx, self.world, bf16),
+        )
+        self.engine = engine
+
+        history = {"steps": [], "epochs": []}
+        global_step = self.resume(history)
+        self.loop(engine, opponent, pairs, global_step, total, steps_per_epoch, history, device)
+        self.publish(engine, pairs, history, model_dir)
+        return 0
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def loop(self, engine, opponent, pairs, global_step, total, steps_per_epoch, history, device) -> None:
+        import torch
+        import torch.distributed as dist
+        from tqdm import tqdm
+
+        tr, pad = self.tr, self.tokenizer.pad_token_id
+        bar = tqdm(
+            total=total,
+            initial=global_step,
+            desc=f"iteration {self.t} training",
+            disable=self.rank != 0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        epoch_sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+        while global_step < total:
+            epoch, in_epoch = divmod(global_step, steps_per_epoch)
+            step_pairs = epoch_steps(len(pairs), tr.global_batch_size, epoch, tr.seed)[in_epoch]
+            started = time.perf_counter()
+            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)  # metrics..., pairs, tokens
+            for micro in rank_micro_batches(step_pairs, self.rank, self.world, tr.micro_batch_size):
+                batch = [pairs[i] for i in micro]
+                real, gen = pair_logps(engine, batch, pad)
+                if opponent is None:
+                    o_real = torch.tensor([p.opponent[0] for p in batch], device=device)
+                    o_gen = torch.tensor([p.opponent[1] for p in batch], device=device)
+                else:
+                    with torch.no_grad():
+                        o_real, o_gen = pair_logps(opponent, batch, pad)
+                losses, r_real, r_gen = spin_loss(real, gen, o_real, o_gen, self.beta, tr.loss)
+                engine.backward(losses.mean())
+                engine.step()
+                values = [
+                    losses.detach(),
+                    r_real,
+                    r_gen,
+                    (r_real > r_gen).float(),
+                    r_real - r_gen,
+                    real.detach(),
+                    gen.detach(),
+                ]
+                sums[: len(METRICS)] += torch.stack([v.double().sum().cpu() for v in values])
+                sums[-2] += len(batch)
+                sums[-1] += sum(len(p.prompt) * 2 + len(p.real) + len(p.generated) for p in batch)
+            dist.all_reduce(sums)
+            global_step += 1
+            seconds = time.perf_counter() - started
+            record = {k: (sums[i] / sums[-2]).item() for i, k in enumerate(METRICS)}
+            record.update(
+                step=global_step, epoch=epoch + 1, lr=engine.get_lr()[0], **{"tokens/s": sums[-1].item() / seconds}
+            )
+            history["steps"].append(record)
+            epoch_sums[: len(METRICS)] += sums[: len(METRICS)]
+            epoch_sums[-1] += sums[-2]
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                acc=f"{record['rewards/accuracies']:.2f}",
+                margin=f"{record['rewards/margins']:.3f}",
+            )
+            end_of_epoch = global_step % steps_per_epoch == 0
+            if end_of_epoch:
+                summary = {k: (epoch_sums[i] / max(1, epoch_sums[-1])).item() for i, k in enumerate(METRICS)}
+                history["epochs"].append({"epoch": epoch + 1, "step": global_step, **summary})
+                epoch_sums.zero_()
+            if global_step < total and (end_of_epoch or global_step % tr.checkpoint_every_steps == 0):
+                self.save_state(global_step, history, keep=end_of_epoch)
+                if os.environ.get("SPIN_TEST_EXIT_AFTER_STATE") == str(global_step):
+                    os._exit(17)  # fault injection for the kill-and-resume tests: die like a SIGKILL would
+        bar.close()
+
+    # ------------------------------------------------------------------------------------------- train state
+    def save_state(self, step: int, history: dict, keep: bool) -> None:
+        """Every rank saves its DeepSpeed state and publishes it; rank 0 then publishes the commit record.
+        A state is usable only once its commit record exists (all ranks' parts are published)."""
+        store, t = self.ctx.store, self.t
+        key = layout.train_state(t, step)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag="state")
+            part = Path(tmp) / "state"
+            part.mkdir(exist_ok=True)
+            (part / f"rank-{self.rank}.json").write_text(json.dumps({"rank": self.rank, "step": step}))
+            store.publish(f"{key}/rank-{self.rank}", {p.name: p for p in part.iterdir() if p.is_file()})
+        barrier()
+        if self.rank == 0:
+            store.publish_json(
+                f"{key}/commit.json", {"step": step, "world": self.world, "history": history, "keep": keep}
+            )
+            for old in self.committed_states():
+                if old < step and not store.read_json(f"{layout.train_state(t, old)}/commit.json").get("keep"):
+                    self.delete_state(old)
+        barrier()
+
+    def committed_states(self) -> list[int]:
+        prefix = layout.train_state_prefix(self.t)
+        steps = set()
+        for key, _ in self.ctx.store.backend.list(prefix):
+            if key.endswith("/commit.json"):
+                steps.add(int(key[len(prefix) :].split("/")[0].removeprefix("step-")))
+        return sorted(steps)
+
+    def delete_state(self, step: int) -> None:
+        key = layout.train_state(self.t, step)
+        self.ctx.store.backend.delete([f"{key}/commit.json"])
+        for rank_key in self.ctx.store.published(key + "/"):
+            self.ctx.store.delete_artefact(rank_key)
+
+    def resume(self, history: dict) -> int:
+        """Load the newest committed train state, if any; returns the global step to continue from."""
+        store = self.ctx.store
+        for step in reversed(self.committed_states()):
+            commit = store.read_json(f"{layout.train_state(self.t, step)}/commit.json")
+            if commit["world"] != self.world:
+                self.log(
+                    f"train state at step {step} was saved by {commit['world']} processes, not {self.world}: skipped"
+                )
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp) / "state"
+                folder.mkdir()
+                try:
+                    for r in range(self.world):
+                        source = store.fetch(f"{layout.train_state(self.t, step)}/rank-{r}")
+                        for f in source.iterdir():
+                            shutil.copyfile(f, folder / f.name)
+                except NotPublished:
+                    continue
+                self.engine.load_checkpoint(tmp, tag="state")
+            history.update(commit["history"])
+            self.log(f"resumed iteration {self.t} from the train state at step {step}")
+            return step
+        return 0
+
+    # ------------------------------------------------------------------------------------------- publish
+    def publish(self, engine, pairs: list[Pair], history: dict, model_dir: Path) -> None:
+        import deepspeed
+        import torch
+
+        store, t = self.ctx.store, self.t
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model"
+            module = engine.module
+            params = list(module.parameters())
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.tr.zero_stage == 3 else None
+            with gather if gather is not None else contextlib.nullcontext():
+                if self.rank == 0:
+                    if self.tr.lora is not None:
+                        module = module.merge_and_unload()
+                    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+                    module.save_pretrained(out, state_dict=state, safe_serialization=True)
+            if self.rank == 0:
+                self.tokenizer.save_pretrained(out)
+                for name in ("generation_config.json",):
+                    if (model_dir / name).exists() and not (out / name).exists():
+                        shutil.copyfile(model_dir / name, out / name)
+                final = dict(history["epochs"][-1]) if history["epochs"] else {}
+                final.pop("epoch", None)
+                final.update(
+                    {
+                        "pairs/total": len(pairs),
+                        "pairs/identical": sum(p.identical for p in pairs),
+                        "steps": history["steps"][-1]["step"] if history["steps"] else 0,
+                    }
+                )
+                metrics = {**history, "final": final, "iteration": t}
+                (out / "spin_metrics.json").write_text(json.dumps(metrics))
+                store.publish(layout.checkpoint(t), out, meta={"iteration": t, "final": final})
+                publish_metrics(store, t, metrics)
+                for step in self.committed_states():
+                    self.delete_state(step)
+                summary = {
+                    "iteration": t,
+                    "checkpoint": store.uri_of(layout.checkpoint(t)),
+                    "metrics": {k: round(v, 6) for k, v in final.items() if isinstance(v, int | float)},
+                }
+                write_termination_message(json.dumps(summary))
+                print(json.dumps(summary), flush=True)
+        barrier()
+
+
+def publish_metrics(store, t: int, metrics: dict) -> None:
+    """iter-<t>/metrics.json, after the model (which carries a copy): a retry may find it already there."""
+    with contextlib.suppress(AlreadyPublished):
+        store.publish_json(layout.metrics(t), metrics)
+
+
+def write_termination_message(line: str) -> None:
+    """The operator copies the trainer's summary from the pod's termination message into status."""
+    path = os.environ.get("SPIN_TERMINATION_LOG", "/dev/termination-log")
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(line[:4000])
