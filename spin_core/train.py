@@ -94,6 +94,7 @@ def deepspeed_config(ctx: RunContext, world: int, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.global_batch_size // (tr.micro_batch_size * world),
         "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch RMSprop/AdamW: plain torch optimizers, sharded by ZeRO
         "bf16": {"enabled": bf16},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
