@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,8 @@ class LocalRunner:
     """Runs the plan step by step; children inherit the terminal so their progress bars show."""
 
     run: SpinRun
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    # Not a terminal (CI, a log file): 120 columns rather than rich's 80, so the summary table fits.
+    console: Console = field(default_factory=lambda: Console(stderr=True, width=shutil.get_terminal_size((120, 24))[0]))
     python: str = sys.executable
 
     def __post_init__(self) -> None:
@@ -188,12 +190,18 @@ class LocalRunner:
 
     # -- the summary -------------------------------------------------------------------------------
     def summary_table(self, progress: Progress) -> Table:
-        table = Table(title=f"SpinRun {self.run.metadata.name}: per-iteration metrics")
-        columns = ["loss", "rewards/accuracies", "rewards/margins", "logps/real", "logps/generated"]
-        table.add_column("iteration", justify="right")
+        short = {
+            "loss": "loss",
+            "rewards/accuracies": "acc",
+            "rewards/margins": "margin",
+            "logps/real": "logp real",
+            "logps/generated": "logp gen",
+        }
+        table = Table(title=f"SpinRun {self.run.metadata.name} (models under {self.store.uri})")
+        table.add_column("iter", justify="right")
         table.add_column("pairs", justify="right")
-        for c in columns:
-            table.add_column(c, justify="right")
+        for header in short.values():
+            table.add_column(header, justify="right")
         evaluating = self.run.spec.evaluation is not None
         if evaluating:
             table.add_column(f"eval {self.run.spec.evaluation.metric}", justify="right")
@@ -204,11 +212,11 @@ class LocalRunner:
             except NotPublished:
                 final = {}
             pairs = final.get("pairs/total")
-            cells = [f"{final[c]:.4f}" if isinstance(final.get(c), int | float) else "-" for c in columns]
+            cells = [f"{final[c]:.3f}" if isinstance(final.get(c), int | float) else "-" for c in short]
             if evaluating:
                 value = progress.evaluated.get(t, {}).get(self.run.spec.evaluation.metric)
                 cells.append(f"{value:.4f}" if isinstance(value, int | float) else "-")
-            table.add_row(str(t), str(int(pairs)) if pairs else "-", *cells, self.store.uri_of(layout.checkpoint(t)))
+            table.add_row(str(t), str(int(pairs)) if pairs else "-", *cells, layout.checkpoint(t))
         return table
 
 

@@ -78,11 +78,16 @@ def markdown(run: dict[str, Any], metrics: Metrics, evals: Metrics, png: str) ->
     ]
     for t in sorted(set(metrics) | set(evals)):
         final = metrics.get(t, {}).get("final", {})
-        cells = [f"{final[k]:.4f}" if isinstance(final.get(k), int | float) else "-" for k in SUMMARY]
-        score = evals.get(t, {}).get("score")
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {score if score is not None else '-'} |")
+        cells = [_cell(final.get(k)) for k in SUMMARY]
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {_cell(evals.get(t, {}).get('score'))} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1):
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
 def write_report(run_uri: str, out_dir: Path, endpoint: str | None = None) -> tuple[Path, Path]:
