@@ -42,8 +42,13 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node.pop("default")
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP or (key == "additionalProperties" and value is False):
-            continue  # Kubernetes forbids additionalProperties: false; the API server prunes unknown fields
+        if key in _DROP or (key == "additionalProperties" and isinstance(value, bool)):
+            # additionalProperties: false is forbidden (the API server prunes unknown fields, or rejects them
+            # under strict field validation); true cannot sit beside properties: extra="allow" models become
+            # x-kubernetes-preserve-unknown-fields instead.
+            if key == "additionalProperties" and value is True:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            continue
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out[key.replace("exclusiveM", "m")] = value
             out[key] = True
@@ -51,6 +56,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out["enum"] = [value]
         elif key == "properties":
             out[key] = {name: _structural(prop, defs) for name, prop in value.items()}
+        elif key == "description":
+            out[key] = " ".join(value.split())  # docstrings wrap lines; kubectl explain re-wraps them
         else:
             out[key] = _structural(value, defs)
     if out.get("x-kubernetes-int-or-string"):
@@ -68,13 +75,21 @@ def _with_rules(schema: dict[str, Any], path: list[str], rules: list[dict[str, s
     node["x-kubernetes-validations"] = rules
 
 
+NAME_RULES = [
+    {
+        "rule": f"size(self.metadata.name) <= {s.MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters (children add suffixes)",
+        "fieldPath": ".metadata.name",
+    }
+]
+
+
 def spec_schema() -> dict[str, Any]:
     """The openAPIV3Schema of the SpinRun CRD."""
     spec_json = s.SpinRunSpec.model_json_schema(by_alias=True, mode="validation")
     status_json = s.SpinRunStatus.model_json_schema(by_alias=True, mode="validation")
     spec = _structural(spec_json, spec_json.get("$defs", {}))
     status = _structural(status_json, status_json.get("$defs", {}))
-    status["x-kubernetes-preserve-unknown-fields"] = True
     _with_rules(spec, ["training"], s.TRAINING_RULES)
     _with_rules(spec, ["evaluation"], s.EVALUATION_RULES)
     spec["x-kubernetes-validations"] = s.SPEC_RULES
@@ -83,18 +98,29 @@ def spec_schema() -> dict[str, Any]:
         "description": s.SpinRun.__doc__ + " Self-Play Fine-Tuning (Chen et al., 2024) of a language model.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {
+                "type": "string",
+                "description": f"APIVersion of the object: {s.API_VERSION}.",
+            },
+            "kind": {"type": "string", "description": f"Kind of the object: {s.KIND}."},
+            # Kubernetes allows a CRD to restrict only metadata.name and metadata.generateName.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "pattern": s.DNS1123_LABEL,
+                        "description": (
+                            "Name of the run: a DNS-1123 label of at most "
+                            f"{s.MAX_NAME_LENGTH} characters (its Jobs and pods add suffixes)."
+                        ),
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"size(self.metadata.name) <= {s.MAX_NAME_LENGTH}",
-                "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters (children add suffixes)",
-            }
-        ],
+        "x-kubernetes-validations": NAME_RULES,
     }
 
 
@@ -123,9 +149,24 @@ def crd() -> dict[str, Any]:
                     "schema": {"openAPIV3Schema": spec_schema()},
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Iteration", "type": "string", "jsonPath": ".status.progress"},
-                        {"name": "Latest checkpoint", "type": "string", "jsonPath": ".status.latestCheckpoint"},
+                        {
+                            "name": "Phase",
+                            "type": "string",
+                            "jsonPath": ".status.phase",
+                            "description": "Where the run is.",
+                        },
+                        {
+                            "name": "Iteration",
+                            "type": "string",
+                            "jsonPath": ".status.progress",
+                            "description": "Iteration in progress / iterations.",
+                        },
+                        {
+                            "name": "Latest checkpoint",
+                            "type": "string",
+                            "jsonPath": ".status.latestCheckpoint",
+                            "description": "URI of the newest trained model.",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                 }

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+import json
+import re
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from spin_core.errors import SpinError
-from spin_core.spec import API_VERSION, KIND, SpinRun
+from spin_core.spec import API_VERSION, KIND, PATTERN_HINTS, FieldProblem, SpinRun
 
 
 class SpecError(SpinError):
@@ -18,8 +22,8 @@ class SpecError(SpinError):
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        self.problems = [str(p).replace("\n", " ") for p in problems]  # one line per problem
+        super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
 
 
 def _location(loc: Iterable[Any]) -> str:
@@ -27,56 +31,152 @@ def _location(loc: Iterable[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in str(part):
+        elif part in ("function-after", "function-before", "function-plain") or "[" in str(part):
             continue  # pydantic validator frames, not user-facing paths
         else:
             out += ("." if out else "") + str(part)
     return out
 
 
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside Optional[...], list[...] and dict[str, ...] annotations, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _unwrap(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names (wire names) allowed in the object at `loc`, or [] when that is not a known model."""
+    model: Any = SpinRun
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = next((f for name, f in model.model_fields.items() if (f.alias or name) == part), None)
+        model = _unwrap(field.annotation) if field else None
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    allowed = _fields_at(loc[:-1])
+    if not allowed:
+        return "unknown field"
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    if close:
+        return f"unknown field (did you mean {close[0]}?)"
+    return "unknown field; allowed fields: " + ", ".join(allowed)
+
+
+_SHOULD = re.compile(r"^(Input|String|Value|List|Dictionary|Object) should ")
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def describe(error: ValidationError) -> list[str]:
-    """One line per pydantic error: `field.path: what is wrong (got ...)`."""
+    """One line per pydantic error: `field.path: what is wrong, what is allowed (got ...)`."""
     lines = []
     for e in error.errors(include_url=False):
-        where = _location(e["loc"]) or "(document)"
+        loc = tuple(e["loc"])
+        ctx = e.get("ctx") or {}
+        if isinstance(ctx.get("error"), FieldProblem):
+            loc += ctx["error"].loc  # a cross-field rule that knows which field is wrong
+        where = _location(loc) or "(document)"
         msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        show_got = not isinstance(got, dict | list)
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg, show_got = _unknown_field(loc), False
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] == "literal_error" and where in ("apiVersion", "kind"):
             msg = f"must be {API_VERSION!r}" if where == "apiVersion" else f"must be {KIND!r}"
-        got = e.get("input")
-        if e["type"] not in ("missing", "model_type") and not isinstance(got, dict | list):
-            msg += f" (got {got!r})"
+        elif e["type"] == "string_pattern_mismatch" and ctx.get("pattern") in PATTERN_HINTS:
+            msg = PATTERN_HINTS[ctx["pattern"]]
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg, show_got = f"must be a mapping (key: value fields), got {type(got).__name__}", False
+        elif e["type"] == "list_type":
+            msg, show_got = f"must be a list, got {type(got).__name__}", False
+        msg = _SHOULD.sub("must ", msg)
+        if show_got and e["type"] != "missing":
+            msg += f" (got {_got(got)})"
         lines.append(f"{where}: {msg}")
     return lines
 
 
+def _plain(value: Any) -> Any:
+    """Mappings and sequences of any kind (kopf's views, tuples) as the dicts and lists a JSON parser gives."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def parse(document: Any, source: str = "<spinrun>") -> SpinRun:
     """Validate one already-parsed document."""
-    if not isinstance(document, dict):
+    if not isinstance(document, Mapping):
         raise SpecError(source, [f"expected a mapping (a SpinRun object), got {type(document).__name__}"])
     try:
-        return SpinRun.model_validate(document)
+        return SpinRun.model_validate(_plain(document))
     except ValidationError as e:
         raise SpecError(source, describe(e)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that rejects duplicate keys (the API server's strict decoding does too; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges may be overridden by explicit keys
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` as a string; YAML 1.2 and kubectl read it as a number. Read it as kubectl does.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def load_documents(path: str | Path) -> list[Any]:
-    """All YAML documents in a file (JSON is YAML too); empty documents are dropped."""
+    """All YAML documents in a file (a .json file is read as JSON); empty documents are dropped."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise SpecError(str(path), [f"cannot read file: {e.strerror}"]) from None
+        raise SpecError(str(path), [f"cannot read file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), [f"cannot read file: not UTF-8 text (byte {e.start})"]) from None
+    if path.suffix.lower() == ".json":
+        try:
+            return [json.loads(text)]
+        except json.JSONDecodeError as e:
+            raise SpecError(str(path), [f"line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}"]) from None
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise SpecError(str(path), ["invalid YAML: nested too deeply"]) from None
 
 
 def load(path: str | Path) -> SpinRun:

@@ -2,6 +2,11 @@
 
 Field names are the Kubernetes (camelCase) names; Python code uses the snake_case attribute names.
 Defaults are the official SPIN recipe's (alignment-handbook zephyr-7b-sft-full, 3 iterations).
+
+The spec models are strict (no "3" for an integer, no `true` for a number, no infinities) so that what
+pydantic accepts is what the API server accepts with the generated CRD; the status models are lenient.
+Every bound that the CRD states (ranges, patterns, enums) comes from the `Field`s below; every rule that
+spans fields exists twice, as a pydantic validator and as a CEL rule (`*_RULES`), and the tests check both.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "selfplay.dev"
@@ -21,14 +26,51 @@ SHORT_NAME = "spin"
 
 # Children are named "<run>-i<t>-gen" / "<run>-i<t>-train"; Kubernetes adds pod suffixes. 40 leaves room.
 MAX_NAME_LENGTH = 40
+MAX_ITERATIONS = 100
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy and vLLM take 32-bit seeds
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 STORE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+)$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+HTTP_URL = r"^https?://.+$"
+SCORER = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+# The API server's own resource.Quantity pattern (as controller-gen writes it).
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+# What each pattern allows, in words: validation errors say this instead of printing the regular expression.
+PATTERN_HINTS = {
+    STORE_URI: "must be s3://bucket/path (bucket: 3-63 lowercase letters, digits, '.' or '-') or file://path",
+    S3_URI: "must be s3://bucket/path (bucket: 3-63 lowercase letters, digits, '.' or '-')",
+    DNS1123_LABEL: (
+        "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit"
+    ),
+    DNS1123_SUBDOMAIN: (
+        "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', every dot-separated part "
+        "starting and ending with a letter or digit"
+    ),
+    HTTP_URL: "must be an http:// or https:// URL",
+    SCORER: "must be module:function, e.g. spin_core.demo:score",
+}
+
+
+class FieldProblem(ValueError):
+    """A cross-field problem raised by a model validator but located at one of the model's fields.
+
+    `loc` is relative to the model (e.g. ("schedule", 0, "iteration")); `resource.describe` appends it to the
+    model's location so the message names the field, not just the object that holds it.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.loc = loc
 
 
 class Spec(BaseModel):
-    """Base for every part of the spec: camelCase on the wire, unknown fields rejected."""
+    """Base for every part of the spec: camelCase on the wire, unknown fields rejected, strict types."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -36,13 +78,24 @@ class Spec(BaseModel):
         validate_by_name=False,
         serialize_by_alias=True,
         extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
         use_attribute_docstrings=True,
     )
 
 
+def _quantity(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a Kubernetes quantity: an integer or a string such as 500m, 4 or 16Gi")
+    if isinstance(value, str) and not re.fullmatch(QUANTITY, value):
+        raise ValueError("must be a Kubernetes quantity such as 4, 500m or 16Gi")
+    return value
+
+
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+    PlainValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
 ]
 
 
@@ -54,23 +107,20 @@ class Resources(Spec):
     limits: dict[str, Quantity] = Field(default_factory=dict)
     """Maximum resources, e.g. {memory: 64Gi}."""
 
-    @field_validator("requests", "limits")
-    @classmethod
-    def _quantities(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        for name, quantity in value.items():
-            if isinstance(quantity, str) and not re.match(QUANTITY, quantity):
-                raise ValueError(f"{name}: {quantity!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
-        return value
-
 
 class Toleration(Spec):
     """A Kubernetes toleration for the pods of a step."""
 
     key: str | None = None
+    """Taint key the toleration applies to; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
+    """Exists (any value) or Equal (the value below); empty means Equal."""
     value: str | None = None
+    """Taint value to match with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """Taint effect to match; empty matches every effect."""
+    toleration_seconds: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    """With effect NoExecute: how long the pod stays bound after the taint appears; empty means forever."""
 
 
 class Placement(Spec):
@@ -78,7 +128,7 @@ class Placement(Spec):
 
     image: str | None = None
     """Container image; empty means the operator's default for this step."""
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
     """CPU and memory requests/limits of each pod."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods must match."""
@@ -106,7 +156,7 @@ class Dataset(Spec):
     """Column holding the prompt (format: prompt-response)."""
     response_field: str = Field(default="response", min_length=1)
     """Column holding the human answer (format: prompt-response)."""
-    max_samples: int = Field(default=0, ge=0)
+    max_samples: int = Field(default=0, ge=0, le=INT64_MAX)
     """Use only the first N rows; 0 means all."""
     on_bad_row: Literal["fail", "skip"] = "fail"
     """fail: stop with the file and line of the first bad row; skip: drop and count bad rows."""
@@ -117,11 +167,11 @@ class Storage(Spec):
 
     uri: str = Field(pattern=STORE_URI)
     """Run root: s3://bucket/prefix or file://path."""
-    endpoint: str | None = Field(default=None, pattern=r"^https?://.+")
+    endpoint: str | None = Field(default=None, pattern=HTTP_URL)
     """S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph...); empty means AWS."""
     region: str | None = None
     """S3 region; empty means the SDK default."""
-    credentials_secret: str | None = Field(default=None, pattern=DNS1123_LABEL.replace("^[a-z0-9]", "^[a-z0-9.]"))
+    credentials_secret: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
     """Cluster only: name of a Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) become the pods' env."""
 
 
@@ -136,30 +186,53 @@ class Generation(Placement):
     """Sampling temperature; 0 is greedy."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling threshold."""
-    max_new_tokens: int = Field(default=256, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1, le=1_048_576)
     """Longest generated answer, in tokens."""
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     """Base sampling seed; shard i of iteration t uses a seed derived from it, so reruns are reproducible."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Engine dtype; auto is bfloat16 on GPU, float32 on CPU."""
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=65_536)
     """Prompts per batch for the hf backend (vLLM schedules all prompts of a shard itself)."""
     opponent_logprobs: bool | None = None
     """Also store the generating model's log-probs of both answers; empty means on when
     training.referenceLogprobs is precompute and the engine runs in float32."""
-    gpus_per_shard: int = Field(default=1, ge=0)
+    gpus_per_shard: int = Field(default=1, ge=0, le=64)
     """GPUs per shard pod (nvidia.com/gpu); also vLLM's tensor parallel size."""
-    backoff_limit_per_index: int = Field(default=2, ge=0)
+    backoff_limit_per_index: int = Field(default=2, ge=0, le=1000)
     """Retries of one failed shard before the Job fails."""
+
+
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class Lora(Spec):
     """Train LoRA adapters (peft) instead of all weights; the published model has them merged."""
 
-    r: int = Field(default=16, ge=1)
-    alpha: int = Field(default=32, ge=1)
+    r: int = Field(default=16, ge=1, le=65_536)
+    """Rank of the adapter matrices."""
+    alpha: int = Field(default=32, ge=1, le=INT64_MAX)
+    """Scaling numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_MODULES), json_schema_extra={"default": LORA_TARGET_MODULES}
+    )
+    """Names of the linear modules that get adapters."""
+
+
+class OpponentMixture(Spec):
+    """The opponent as a geometric mixture of recent iterates (training.opponent: mixture).
+
+    At iteration t the iterates M_{t-1}, ..., M_{t-K} take part, K = min(history, t) (M_0 is spec.model.uri);
+    iterate k steps back (k = 0 is M_{t-1}) has weight alpha^k / sum_{j<K} alpha^j, and the opponent's
+    log-prob of an answer is sum_k w_k log p_k (the mixture's normaliser cancels in the SPIN loss)."""
+
+    alpha: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Weight ratio of each older iterate to the next newer one: weights are alpha^k, normalised to sum 1
+    (k = 0 is M_{t-1}); 1 is a uniform mixture."""
+    history: int = Field(default=2, ge=1, le=MAX_ITERATIONS)
+    """How many of the latest iterates are mixed (fewer while fewer exist); 1 is the plain opponent M_{t-1}."""
 
 
 class Training(Placement):
@@ -171,19 +244,21 @@ class Training(Placement):
     """Inverse temperature of the loss (the paper's lambda)."""
     learning_rate: float = Field(default=5e-7, gt=0.0)
     """Peak learning rate."""
-    epochs: int = Field(default=2, ge=1)
+    epochs: int = Field(default=2, ge=1, le=1000)
     """Passes over the iteration's pairs."""
-    global_batch_size: int = Field(default=64, ge=1)
-    """Pairs per optimizer step across all processes (reached by gradient accumulation)."""
-    micro_batch_size: int = Field(default=8, ge=1)
+    global_batch_size: int = Field(default=64, ge=1, le=1_048_576)
+    """Pairs per optimizer step across all processes (reached by gradient accumulation); a multiple of
+    microBatchSize x nodes x processesPerNode."""
+    micro_batch_size: int = Field(default=8, ge=1, le=65_536)
     """Pairs per forward pass on one process."""
-    max_length: int = Field(default=1024, ge=2)
+    max_length: int = Field(default=1024, ge=2, le=1_048_576)
     """Longest prompt+answer sequence, in tokens."""
-    max_prompt_length: int = Field(default=512, ge=1)
-    """Prompts are truncated (from the left) to this many tokens."""
+    max_prompt_length: int = Field(default=512, ge=1, le=1_048_576)
+    """Prompts are truncated (from the left) to this many tokens; smaller than maxLength."""
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     """rmsprop is the official recipe's."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """Decoupled weight decay of the optimizer."""
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Share of steps with a linear learning-rate warm-up; the rest decays linearly to 0."""
     zero_stage: Literal[0, 2, 3] = 3
@@ -197,39 +272,65 @@ class Training(Placement):
     """Train LoRA adapters instead of all weights."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto is bfloat16 on GPU, float32 on CPU."""
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
     """Shuffling and initialisation seed."""
-    checkpoint_every_steps: int = Field(default=50, ge=1)
+    checkpoint_every_steps: int = Field(default=50, ge=1, le=INT64_MAX)
     """Save a resumable training state to the store every N optimizer steps."""
-    nodes: int = Field(default=1, ge=1)
+    nodes: int = Field(default=1, ge=1, le=1024)
     """Nodes of the PyTorchJob (one Master, nodes-1 Workers)."""
-    processes_per_node: int = Field(default=8, ge=1)
+    processes_per_node: int = Field(default=8, ge=1, le=256)
     """Training processes per node (GPUs per node on a GPU cluster)."""
-    gpus_per_node: int = Field(default=8, ge=0)
+    gpus_per_node: int = Field(default=8, ge=0, le=64)
     """GPUs requested per training pod (nvidia.com/gpu)."""
-    backoff_limit: int = Field(default=2, ge=0)
+    backoff_limit: int = Field(default=2, ge=0, le=1000)
     """Retries of a failed training job before the iteration fails."""
+    # Regularised SPIN variants (opt-in; the defaults are the paper's method). See README and spin_core/losses.py.
+    sft_weight: float = Field(default=0.0, ge=0.0)
+    """Adds sftWeight x the mean per-token NLL of the real answer to each pair's loss (RPO-style anchoring);
+    0 is the paper's SPIN."""
+    opponent: Literal["previous", "mixture"] = "previous"
+    """previous: M_{t-1} is the opponent (the paper); mixture: a geometric mixture of the latest iterates
+    (opponentMixture)."""
+    opponent_mixture: OpponentMixture | None = None
+    """With opponent mixture: its alpha and history; empty means alpha 0.5, history 2. Ignored otherwise."""
+    kl_to_base: float = Field(default=0.0, ge=0.0)
+    """Adds klToBase x a divergence of the policy from the base model (spec.model.uri) on the real answer's
+    tokens: the mean over them of exp(r) - 1 - r, r = log p_base - log p_policy (k3 estimator); 0 is off."""
+    drop_identical_pairs: bool = False
+    """Drop pairs whose generated answer equals the real one (they carry no SPIN gradient); they are counted
+    and reported either way."""
+    collapse_warn_nats: float = Field(default=1.0, gt=0.0)
+    """Warn (log, metrics.json, status) when the mean log p(real answer) under the policy falls by more than
+    this many nats during an iteration (last quarter of steps vs M_{t-1} on the same pairs)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Training:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"maxPromptLength ({self.max_prompt_length}) must be smaller than maxLength ({self.max_length})"
+            raise FieldProblem(
+                ("maxPromptLength",),
+                f"must be smaller than maxLength ({self.max_length}), got {self.max_prompt_length}",
             )
         per_step = self.micro_batch_size * self.nodes * self.processes_per_node
         if self.global_batch_size % per_step:
-            raise ValueError(
-                f"globalBatchSize ({self.global_batch_size}) must be a multiple of microBatchSize x nodes x "
-                f"processesPerNode ({self.micro_batch_size} x {self.nodes} x {self.processes_per_node} = {per_step})"
+            raise FieldProblem(
+                ("globalBatchSize",),
+                f"must be a multiple of microBatchSize x nodes x processesPerNode "
+                f"({self.micro_batch_size} x {self.nodes} x {self.processes_per_node} = {per_step}), "
+                f"got {self.global_batch_size}",
             )
         return self
 
 
 TRAINING_RULES = [
-    {"rule": "self.maxPromptLength < self.maxLength", "message": "maxPromptLength must be smaller than maxLength"},
+    {
+        "rule": "self.maxPromptLength < self.maxLength",
+        "message": "maxPromptLength must be smaller than maxLength",
+        "fieldPath": ".maxPromptLength",
+    },
     {
         "rule": "self.globalBatchSize % (self.microBatchSize * self.nodes * self.processesPerNode) == 0",
         "message": "globalBatchSize must be a multiple of microBatchSize x nodes x processesPerNode",
+        "fieldPath": ".globalBatchSize",
     },
 ]
 
@@ -237,17 +338,20 @@ TRAINING_RULES = [
 class ScheduleEntry(Spec):
     """Overrides for one iteration (the official recipe lowers the learning rate after iteration 1)."""
 
-    iteration: int = Field(ge=1)
-    """Iteration the overrides apply to (1-based)."""
+    iteration: int = Field(ge=1, le=MAX_ITERATIONS)
+    """Iteration the overrides apply to (1-based, at most spec.iterations)."""
     beta: float | None = Field(default=None, gt=0.0)
+    """training.beta for this iteration."""
     learning_rate: float | None = Field(default=None, gt=0.0)
-    epochs: int | None = Field(default=None, ge=1)
+    """training.learningRate for this iteration."""
+    epochs: int | None = Field(default=None, ge=1, le=1000)
+    """training.epochs for this iteration."""
 
 
 class StopWhen(Spec):
     """When to end a run early (after an iteration's evaluation). Both rules are off by default."""
 
-    patience: int = Field(default=0, ge=0)
+    patience: int = Field(default=0, ge=0, le=MAX_ITERATIONS)
     """Stop when evaluation.metric has not improved by more than minDelta for this many iterations; 0 is off."""
     min_delta: float = Field(default=0.0, ge=0.0)
     """Smallest improvement that counts."""
@@ -262,24 +366,27 @@ class Evaluation(Spec):
     """Share of the dataset held out (chosen by a hash of each prompt id; never generated for nor trained on)."""
     dataset: Dataset | None = None
     """A separate held-out dataset instead of heldoutFraction."""
-    max_samples: int = Field(default=256, ge=1)
+    max_samples: int = Field(default=256, ge=1, le=INT64_MAX)
     """Evaluate at most this many held-out prompts."""
-    scorer: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    scorer: str | None = Field(default=None, pattern=SCORER)
     """Task scorer as module:function(prompt, reference, generated) -> number, e.g. spin_core.demo:score."""
     metric: Literal["score", "rewards/margins", "rewards/accuracies"] = "score"
     """What bestIteration and stopWhen.patience look at; score needs a scorer."""
     backend: Literal["vllm", "hf"] | None = None
     """Engine for the held-out answers; empty means generation.backend."""
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
     """Longest held-out answer; empty means generation.maxNewTokens."""
-    stop_when: StopWhen = Field(default_factory=StopWhen)
+    stop_when: StopWhen = Field(default_factory=StopWhen, json_schema_extra={"default": {}})
 
     @model_validator(mode="after")
     def _source(self) -> Evaluation:
         if (self.heldout_fraction > 0) == (self.dataset is not None):
-            raise ValueError("set exactly one of heldoutFraction (> 0) and dataset")
+            where = "dataset" if self.dataset is not None else "heldoutFraction"
+            raise FieldProblem((where,), "set exactly one of heldoutFraction (> 0) and dataset")
         if self.metric == "score" and not self.scorer:
-            raise ValueError("metric score needs a scorer (module:function); or use metric rewards/margins")
+            raise FieldProblem(
+                ("scorer",), "metric score needs a scorer (module:function); or use metric rewards/margins"
+            )
         return self
 
 
@@ -287,8 +394,13 @@ EVALUATION_RULES = [
     {
         "rule": "(self.heldoutFraction > 0.0) != has(self.dataset)",
         "message": "set exactly one of heldoutFraction (> 0) and dataset",
+        "fieldPath": ".heldoutFraction",
     },
-    {"rule": "self.metric != 'score' || has(self.scorer)", "message": "metric score needs a scorer"},
+    {
+        "rule": "self.metric != 'score' || has(self.scorer)",
+        "message": "metric score needs a scorer (module:function)",
+        "fieldPath": ".scorer",
+    },
 ]
 
 
@@ -301,14 +413,20 @@ class SpinRunSpec(Spec):
     """The SFT data: prompts and real answers."""
     storage: Storage
     """Where every artefact of the run is written."""
-    iterations: int = Field(default=3, ge=1, le=100)
+    iterations: int = Field(default=3, ge=1, le=MAX_ITERATIONS)
     """Number of SPIN iterations (generate + train)."""
-    mix_previous_iterations: int = Field(default=1, ge=0)
+    mix_previous_iterations: int = Field(default=1, ge=0, le=MAX_ITERATIONS)
     """Iteration t also trains on the pairs generated in the N iterations before it."""
-    generation: Generation = Field(default_factory=Generation)
-    training: Training = Field(default_factory=Training)
-    schedule: list[ScheduleEntry] = Field(default_factory=list)
-    """Per-iteration overrides of beta, learningRate and epochs."""
+    generation: Generation = Field(default_factory=Generation, json_schema_extra={"default": {}})
+    """Step 1 of each iteration: the current model answers every prompt."""
+    training: Training = Field(default_factory=Training, json_schema_extra={"default": {}})
+    """Step 2 of each iteration: the model learns to prefer the real answers over its own."""
+    schedule: list[ScheduleEntry] = Field(
+        default_factory=list,
+        max_length=MAX_ITERATIONS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["iteration"]},
+    )
+    """Per-iteration overrides of beta, learningRate and epochs; at most one entry per iteration."""
     suspend: bool = False
     """Cluster only: true suspends the running step's pods; false resumes."""
     evaluation: Evaluation | None = None
@@ -319,19 +437,24 @@ class SpinRunSpec(Spec):
         seen: set[int] = set()
         for i, entry in enumerate(self.schedule):
             if entry.iteration > self.iterations:
-                raise ValueError(
-                    f"schedule[{i}].iteration is {entry.iteration} but the run has only {self.iterations} iterations"
+                raise FieldProblem(
+                    ("schedule", i, "iteration"),
+                    f"iteration {entry.iteration} does not exist: the run has {self.iterations} iterations "
+                    f"(spec.iterations); allowed is 1 to {self.iterations}",
                 )
             if entry.iteration in seen:
-                raise ValueError(f"schedule[{i}]: iteration {entry.iteration} appears more than once")
+                raise FieldProblem(
+                    ("schedule", i, "iteration"), f"iteration {entry.iteration} appears more than once in schedule"
+                )
             seen.add(entry.iteration)
         return self
 
 
 SPEC_RULES = [
     {
-        "rule": "self.schedule.all(s, s.iteration <= self.iterations)",
+        "rule": "!has(self.schedule) || self.schedule.all(s, s.iteration <= self.iterations)",
         "message": "every schedule entry must name an iteration between 1 and spec.iterations",
+        "fieldPath": ".schedule",
     },
 ]
 
@@ -339,53 +462,86 @@ SPEC_RULES = [
 class Condition(Spec):
     """A Kubernetes-style condition."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=False, allow_inf_nan=True)
     type: str
+    """Kind of condition, e.g. Ready or Degraded."""
     status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
     reason: str = ""
+    """One CamelCase word saying why."""
     message: str = ""
+    """Human-readable details."""
     last_transition_time: str | None = None
+    """When status last changed (RFC 3339)."""
     observed_generation: int | None = None
+    """metadata.generation the condition was computed from."""
 
 
 class IterationRecord(Spec):
     """What happened in one iteration."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=False, allow_inf_nan=True)
     iteration: int
+    """The iteration (1-based)."""
     phase: str = "Pending"
+    """Pending, Generating, Training, Suspended, Succeeded (the model is trained) or Failed."""
     generation_job: str | None = None
+    """Name of the generation Job."""
     training_job: str | None = None
+    """Name of the training job."""
+    evaluation_job: str | None = None
+    """Name of the evaluation Job (spec.evaluation set)."""
+    evaluation: dict[str, float] = Field(default_factory=dict)
+    """The iteration's evaluation (iter-<t>/eval.json's numbers), once evaluated."""
     shards_done: int = 0
+    """Generation shards finished."""
     shards: int = 0
+    """Generation shards in all."""
     started_at: str | None = None
+    """When the iteration started (RFC 3339)."""
     finished_at: str | None = None
+    """When the iteration ended (RFC 3339)."""
     retries: int = 0
+    """Failed attempts retried so far."""
     checkpoint: str | None = None
+    """URI of the model this iteration trained."""
     metrics: dict[str, float] = Field(default_factory=dict)
+    """Training and evaluation metrics of the iteration."""
     message: str | None = None
+    """Human-readable details."""
 
 
 class SpinRunStatus(Spec):
     """Filled by the operator (and mirrored by `spin run` in its summary)."""
 
-    model_config = ConfigDict(extra="allow")
-    phase: Literal["Pending", "Generating", "Training", "Succeeded", "Failed", "Suspended"] | None = None
+    model_config = ConfigDict(extra="allow", strict=False, allow_inf_nan=True)
+    phase: Literal["Pending", "Generating", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"] | None = None
+    """Where the run is: Pending, Generating, Training, Evaluating, Suspended, Succeeded or Failed."""
     iteration: int | None = None
     """Iteration in progress (1-based)."""
     progress: str | None = None
     """Human-readable progress, e.g. 2/3."""
     observed_generation: int | None = None
+    """metadata.generation the status was computed from."""
     latest_checkpoint: str | None = None
+    """URI of the newest trained model."""
     best_iteration: int | None = None
     """Iteration whose model scored best on evaluation.metric."""
     best_checkpoint: str | None = None
     """URI of that model: the one to deploy."""
+    best_metric: float | None = None
+    """Its value of evaluation.metric."""
     stop_reason: str | None = None
     """Why the run ended before spec.iterations, when it did."""
     iterations: list[IterationRecord] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
+    """One record per iteration started."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Ready, Degraded and the other conditions of the run."""
     message: str | None = None
+    """Human-readable state of the run."""
 
 
 class ObjectMeta(BaseModel):
@@ -393,7 +549,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(max_length=MAX_NAME_LENGTH, pattern=DNS1123_LABEL)
-    namespace: str | None = Field(default=None, pattern=DNS1123_LABEL)
+    namespace: str | None = Field(default=None, max_length=63, pattern=DNS1123_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
