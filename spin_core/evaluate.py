@@ -22,6 +22,7 @@ from spin_core.data import Example
 from spin_core.engines import Sampling, derive_seed, open_engine
 from spin_core.errors import SpinError
 from spin_core.stopping import call_scorer, load_scorer
+from spin_core.termination import write_termination_message
 
 
 def greedy_answers(engine, tokenizer, examples: list[Example], max_prompt: int, max_new: int) -> list[str]:
@@ -113,17 +114,24 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
     return result
 
 
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an evaluation (what the operator copies into the run's status)."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def main(spec_path: Path, iteration: int) -> int:
     ctx = RunContext.from_file(spec_path)
     ctx.check_iteration(iteration)
     key = layout.evaluation(iteration)
     if ctx.store.exists(key):
         print(f"{ctx.store.uri_of(key)} is already published: nothing to do")
+        write_termination_message(summary(ctx.store.read_json(key)))
         return 0
     if not ctx.store.is_published(layout.checkpoint(iteration)):
         raise SpinError(f"iteration {iteration} has no published model yet: train it before evaluating it")
     result = evaluate(ctx, iteration)
     ctx.store.publish_json(key, result)
+    write_termination_message(summary(result))
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     print(f"evaluation of iteration {iteration}: {shown} -> {ctx.store.uri_of(key)}")
     return 0

@@ -1,4 +1,8 @@
-"""`spin report RUN_URI`: a PNG of the run's metrics and a short Markdown summary beside it."""
+"""`spin report RUN_URI`: a PNG of the run's metrics and a short Markdown summary beside it.
+
+Both name the method (`variant_label`: "SPIN (paper)" or the regularised variant) and show the collapse diagnostics:
+log p(real answer) and log p(generated answer) under the policy, their change against M_{t-1}, identical pairs, and
+the trainer's warnings."""
 
 from __future__ import annotations
 
@@ -9,14 +13,26 @@ from typing import Any
 from spin_core import layout
 from spin_core.errors import SpinError
 from spin_core.store import NotPublished, Store
+from spin_core.variants import variant_label
 
 STEP_PANELS = [
     ("loss", "loss"),
     ("rewards/margins", "reward margin (real - generated)"),
     ("rewards/accuracies", "reward accuracy"),
     ("logps/real", "log p(real answer) — collapse shows here"),
+    ("logps/generated", "log p(generated answer)"),
+    ("logps/real_change", "log p(real) minus M_{t-1}'s, same pairs"),
 ]
-SUMMARY = ["loss", "rewards/accuracies", "rewards/margins", "logps/real", "logps/generated", "pairs/identical"]
+SUMMARY = [
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/real",
+    "logps/generated",
+    "logps/real_change_end",
+    "pairs/identical",
+    "pairs/identical_share",
+]
 
 
 def collect(store: Store) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
@@ -39,7 +55,7 @@ def plot(metrics: dict[int, dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, (key, label) in zip(axes.flat, STEP_PANELS, strict=True):
         offset = 0
         for t, m in sorted(metrics.items()):
@@ -51,7 +67,8 @@ def plot(metrics: dict[int, dict[str, Any]], path: Path, title: str) -> None:
         ax.set_title(label)
         ax.set_xlabel("optimizer step (cumulative)")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    if any(ax.lines for ax in axes.flat):
+        axes.flat[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -61,12 +78,21 @@ def plot(metrics: dict[int, dict[str, Any]], path: Path, title: str) -> None:
 Metrics = dict[int, dict[str, Any]]
 
 
+def method(run: dict[str, Any]) -> str:
+    """The run's variant label; "unknown" when run.json's training settings do not parse (another version)."""
+    try:
+        return variant_label(run)
+    except Exception:
+        return "unknown"
+
+
 def markdown(run: dict[str, Any], metrics: Metrics, evals: Metrics, png: str) -> str:
     spec = run["spec"]
     name = run.get("metadata", {}).get("name", "?")
     lines = [
         f"# SpinRun `{name}`",
         "",
+        f"- method: **{method(run)}**",
         f"- model: `{spec['model']['uri']}`  dataset: `{spec['dataset']['uri']}`",
         f"- iterations: {len(metrics)}/{spec.get('iterations')} trained; loss `{spec['training'].get('loss')}`, "
         f"beta {spec['training'].get('beta')}, learning rate {spec['training'].get('learningRate')}",
@@ -81,6 +107,15 @@ def markdown(run: dict[str, Any], metrics: Metrics, evals: Metrics, png: str) ->
         cells = [_cell(final.get(k)) for k in SUMMARY]
         lines.append(f"| {t} | " + " | ".join(cells) + f" | {_cell(evals.get(t, {}).get('score'))} |")
     lines.append("")
+    lines.append(
+        "`logps/*`: mean summed log-prob of the answers under the policy during the last epoch; "
+        "`logps/real_change_end`: the policy's log p(real answer) minus M_{t-1}'s on the same pairs over the last "
+        "quarter of the iteration's steps (strongly negative: collapse)."
+    )
+    lines.append("")
+    warnings = [w for t in sorted(metrics) for w in metrics[t].get("warnings", [])]
+    if warnings:
+        lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     return "\n".join(lines)
 
 
@@ -98,6 +133,6 @@ def write_report(run_uri: str, out_dir: Path, endpoint: str | None = None) -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     name = run.get("metadata", {}).get("name", "run")
     png, md = out_dir / f"{name}-report.png", out_dir / f"{name}-report.md"
-    plot(metrics, png, f"SpinRun {name}")
+    plot(metrics, png, f"SpinRun {name} · {method(run)}")
     md.write_text(markdown(run, metrics, evals, png.name))
     return png, md

@@ -3,11 +3,16 @@ M_{t-1}'s own, with M_{t-1} frozen as the opponent. Runs under torchrun / a Kube
 MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) or as one plain process; DeepSpeed ZeRO 0/2/3, gloo on CPU, NCCL on GPU.
 
 Read top to bottom: setup -> pairs -> opponent log-probs -> engine -> resume -> the loop -> publish.
+
+The opt-in regularised variants (README, "Regularised SPIN variants") plug in at two places: before training, no-grad
+passes score the pairs under the older iterates (opponent: mixture) and the real answers' tokens under the base model
+(klToBase > 0), one model at a time; in the loop, `spin_objective` adds the NLL and KL terms to `spin_loss`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -24,19 +29,66 @@ from spin_core import layout
 from spin_core.chat import load_tokenizer
 from spin_core.context import RunContext
 from spin_core.errors import SpinError
-from spin_core.losses import spin_loss
-from spin_core.pairs import Pair, pair_logps
+from spin_core.losses import mixture_logps, mixture_weights, spin_objective
+from spin_core.pairs import (
+    Pair,
+    base_tokens_like,
+    pair_logps,
+    pair_token_logps,
+    real_token_counts,
+    select_pairs,
+)
+from spin_core.spec import OpponentMixture
 from spin_core.store import AlreadyPublished, NotPublished
+from spin_core.variants import variant_label
 
+# Per optimizer step (means over the step's pairs) and per epoch. Log-probs are of the answer tokens under the policy
+# as it is at that step (before the step's update): "logps/real" / "logps/generated" summed per answer, "_per_token"
+# divided by the answer's token count; "logps/real_start" is M_{t-1}'s log p(real) of the same pairs and
+# "logps/real_change" the policy's minus M_{t-1}'s (negative: the real answers are losing probability: collapse).
 METRICS = (
     "loss",
+    "loss/spin",
     "rewards/real",
     "rewards/generated",
     "rewards/accuracies",
     "rewards/margins",
     "logps/real",
     "logps/generated",
+    "logps/real_per_token",
+    "logps/generated_per_token",
+    "logps/real_start",
+    "logps/real_change",
+    "pairs/identical_share",
 )
+
+
+def metric_names(training) -> tuple[str, ...]:
+    """METRICS plus the regularisers' unweighted terms when they are on: loss/sft (per-token NLL of the real answer)
+    and loss/kl (the k3 divergence from the base model)."""
+    extra = (("loss/sft",) if training.sft_weight > 0 else ()) + (("loss/kl",) if training.kl_to_base > 0 else ())
+    return METRICS + extra
+
+
+def collapse_check(steps: list[dict], threshold: float, t: int) -> tuple[dict[str, float], list[str]]:
+    """({logps/real_change_end: ...}, warnings): the mean change of log p(real answer) (policy minus M_{t-1}, on the
+    same pairs) over the last quarter of the iteration's optimizer steps (at least one); a warning when it fell by
+    more than `threshold` nats (training.collapseWarnNats)."""
+    usable = [s for s in steps if isinstance(s.get("logps/real_change"), int | float)]
+    if not usable:
+        return {}, []
+    tail = usable[-max(1, math.ceil(len(usable) / 4)) :]
+    change = sum(s["logps/real_change"] for s in tail) / len(tail)
+    start = sum(s.get("logps/real_start", 0.0) for s in tail) / len(tail)
+    numbers = {"logps/real_change_end": change}
+    if change >= -threshold:
+        return numbers, []
+    return numbers, [
+        f"iteration {t}: log p(real answer) fell by {-change:.2f} nats during training ({start:.2f} under M_{t - 1} "
+        f"-> {start + change:.2f}, last {len(tail)} of {len(usable)} steps), more than collapseWarnNats {threshold:g}: "
+        "SPIN may be collapsing (real and generated answers pushed down together); consider training.sftWeight, "
+        "klToBase, a larger beta or fewer epochs"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -124,22 +176,59 @@ def linear_with_warmup(optimizer, total: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def opponent_logps(model, pairs: list[Pair], rank: int, world: int, batch: int, pad_id: int) -> None:
-    """Fill `pair.opponent` where the generation job did not: each rank scores a slice, all ranks get all."""
+def score_pairs(
+    model, pairs: list[Pair], indices: list[int], rank: int, world: int, batch: int, pad_id: int, tokens: bool = False
+) -> dict[int, tuple[float, float, Any]]:
+    """No-grad log-probs of pairs[indices] under `model`; each rank scores a slice, every rank gets all:
+    {index: (real sum, generated sum, the real answer's per-token log-probs (1-D float32 CPU tensor) or None)}."""
     import torch
 
-    todo = [i for i, p in enumerate(pairs) if p.opponent is None]
-    mine = todo[rank::world]
-    found: dict[int, tuple[float, float]] = {}
+    mine = indices[rank::world]
+    found: dict[int, tuple[float, float, Any]] = {}
     model.eval()
     with torch.no_grad():
         for start in range(0, len(mine), batch):
             chunk = mine[start : start + batch]
-            real, gen = pair_logps(model, [pairs[i] for i in chunk], pad_id)
-            found.update({i: (r, g) for i, r, g in zip(chunk, real.tolist(), gen.tolist(), strict=True)})
+            batch_pairs = [pairs[i] for i in chunk]
+            if tokens:
+                out = pair_token_logps(model, batch_pairs, pad_id)
+                real, gen = out.real, out.generated
+                per_token = [out.real_tokens[j][out.real_mask[j]].cpu().clone() for j in range(len(chunk))]
+            else:
+                real, gen = pair_logps(model, batch_pairs, pad_id)
+                per_token = [None] * len(chunk)
+            found.update(
+                {i: (r, g, k) for i, r, g, k in zip(chunk, real.tolist(), gen.tolist(), per_token, strict=True)}
+            )
+    merged: dict[int, tuple[float, float, Any]] = {}
     for part in all_gather(found):
-        for i, value in part.items():
-            pairs[i].opponent = value
+        merged.update(part)
+    return merged
+
+
+def opponent_logps(model, pairs: list[Pair], rank: int, world: int, batch: int, pad_id: int) -> None:
+    """Fill `pair.opponent` where the generation job did not: each rank scores a slice, all ranks get all."""
+    todo = [i for i, p in enumerate(pairs) if p.opponent is None]
+    for i, (real, gen, _) in score_pairs(model, pairs, todo, rank, world, batch, pad_id).items():
+        pairs[i].opponent = (real, gen)
+
+
+def frozen_model(model_dir: Path, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def release(model) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(spec_path: Path, iteration: int) -> int:
@@ -163,6 +252,11 @@ class Trainer:
         self.spec = ctx.run.spec
         self.tr = self.spec.training
         self.beta, self.lr, self.epochs = ctx.run.iteration_settings(t)
+        self.metric_names = metric_names(self.tr)
+        self.variant = variant_label(self.spec)
+        # Mixture opponent: weights of M_{t-1}, M_{t-2}, ...; the plain opponent is the one weight [1.0].
+        mix = self.tr.opponent_mixture or OpponentMixture()
+        self.weights = mixture_weights(mix.alpha, mix.history, t) if self.tr.opponent == "mixture" else [1.0]
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -179,7 +273,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(model_dir, self.ctx.model_uri(t))
         from spin_core.pairs import load_pairs
 
-        pairs = load_pairs(self.ctx, t, self.tokenizer)
+        loaded = load_pairs(self.ctx, t, self.tokenizer)
+        pairs, self.pair_stats = select_pairs(loaded, tr.drop_identical_pairs)
+        # The older iterates (mixture opponent) and the base model (klToBase) are fetched before any distributed work.
+        self.iterate_dirs = {t - 1 - k: self.ctx.fetch_model(t - k) for k in range(1, len(self.weights))}
+        if tr.kl_to_base > 0 and t > 1 and 0 not in self.iterate_dirs:
+            self.iterate_dirs[0] = self.ctx.fetch_model(1)
         self.rank, self.world, local_rank = init_distributed()
         if tr.global_batch_size % (tr.micro_batch_size * self.world):
             raise SpinError(
@@ -187,7 +286,11 @@ class Trainer:
                 f"({tr.micro_batch_size} x {self.world})"
             )
         if len(pairs) < tr.global_batch_size:
-            raise SpinError(f"iteration {t} has {len(pairs)} pairs, fewer than globalBatchSize {tr.global_batch_size}")
+            dropped = self.pair_stats["pairs/dropped"]
+            raise SpinError(
+                f"iteration {t} has {len(pairs)} pairs, fewer than globalBatchSize {tr.global_batch_size}"
+                + (f" ({dropped} identical pairs dropped: training.dropIdenticalPairs)" if dropped else "")
+            )
         gpu = torch.cuda.is_available()
         bf16 = tr.dtype == "bfloat16" or (tr.dtype == "auto" and gpu)
         device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
@@ -200,15 +303,25 @@ class Trainer:
         if tr.reference_logprobs == "precompute":
             # The policy starts as M_{t-1}: score the pairs with it before the first update, then keep no opponent.
             opponent_logps(model, pairs, self.rank, self.world, tr.micro_batch_size * 2, pad)
-        else:
-            opponent = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-            opponent.requires_grad_(False)
+        self.score_variants(model, pairs, device, pad)
+        if tr.reference_logprobs == "online":
+            opponent = frozen_model(model_dir, device)
+        stats = self.pair_stats
         self.log(
             f"iteration {t}: {len(pairs)} pairs from iterations {sorted({p.iteration for p in pairs})} "
-            f"({sum(p.identical for p in pairs)} identical), opponent log-probs "
+            f"({stats['pairs/identical']} of {stats['pairs/total']} identical"
+            f"{', dropped' if stats['pairs/dropped'] else ''}), opponent log-probs "
             f"{'reused from generation for ' + str(reused) if reused else 'computed'} ({tr.reference_logprobs}); "
-            f"beta {self.beta}, lr {self.lr}, {self.epochs} epoch(s), world {self.world}, ZeRO {tr.zero_stage}"
+            f"beta {self.beta}, lr {self.lr}, {self.epochs} epoch(s), world {self.world}, ZeRO {tr.zero_stage}; "
+            f"{self.variant}"
+            + (
+                f", opponent weights {[round(w, 4) for w in self.weights]} on M_{t - 1}..M_{t - len(self.weights)}"
+                if len(self.weights) > 1
+                else ""
+            )
         )
+        if tr.opponent_mixture is not None and tr.opponent != "mixture":
+            self.log("training.opponentMixture is ignored: training.opponent is previous (set it to mixture to use it)")
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if tr.lora is not None:
@@ -244,6 +357,41 @@ class Trainer:
         self.publish(engine, pairs, history, model_dir)
         return 0
 
+    def score_variants(self, model, pairs: list[Pair], device, pad: int) -> None:
+        """Before training, only for the variants that need them: each pair's log-probs under M_{t-2}, M_{t-3}, ...
+        (mixture opponent; `pair.older`) and the real answer's per-token log-probs under the base model M_0
+        (klToBase; `pair.base_real_tokens`). One frozen model at a time, freed after its pass."""
+        tr, t = self.tr, self.t
+        kl = tr.kl_to_base > 0
+        everything = list(range(len(pairs)))
+        args = (self.rank, self.world, tr.micro_batch_size * 2, pad)
+        if kl and t == 1:  # the base model is M_0 = M_{t-1}: the policy before its first update
+            for i, (_, _, tokens) in score_pairs(model, pairs, everything, *args, tokens=True).items():
+                pairs[i].base_real_tokens = tokens
+        for j in sorted(self.iterate_dirs, reverse=True):  # M_{t-2}, M_{t-3}, ..., then M_0 (base) if needed
+            k = t - 1 - j  # steps back from M_{t-1}
+            mixed, base = k < len(self.weights), kl and j == 0
+            roles = [role for role, on in (("mixture opponent", mixed), ("base model, per token", base)) if on]
+            self.log(f"scoring the pairs under M_{j} ({', '.join(roles)})")
+            frozen = frozen_model(self.iterate_dirs[j], device)
+            for i, (real, gen, tokens) in score_pairs(frozen, pairs, everything, *args, tokens=base).items():
+                if mixed:
+                    pairs[i].older.append((real, gen))
+                if base:
+                    pairs[i].base_real_tokens = tokens
+            release(frozen)
+
+    def opponent_of(self, batch: list[Pair], o_real, o_gen, device):
+        """The opponent's (real, generated) log-probs of a batch: M_{t-1}'s as given, or with opponent: mixture the
+        weighted sum over M_{t-1}, M_{t-2}, ... (`mixture_logps`; with one weight, M_{t-1}'s tensors themselves)."""
+        import torch
+
+        reals, gens = [o_real], [o_gen]
+        for k in range(1, len(self.weights)):
+            reals.append(torch.tensor([p.older[k - 1][0] for p in batch], device=device))
+            gens.append(torch.tensor([p.older[k - 1][1] for p in batch], device=device))
+        return mixture_logps(reals, self.weights), mixture_logps(gens, self.weights)
+
     # ------------------------------------------------------------------------------------------- the loop
     def loop(self, engine, opponent, pairs, global_step, total, steps_per_epoch, history, device) -> None:
         import torch
@@ -259,45 +407,79 @@ class Trainer:
             file=sys.stderr,
             dynamic_ncols=True,
         )
-        epoch_sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+        names = self.metric_names
+        sft, kl = tr.sft_weight > 0, tr.kl_to_base > 0
+        epoch_sums = torch.zeros(len(names) + 1, dtype=torch.float64)
         while global_step < total:
             epoch, in_epoch = divmod(global_step, steps_per_epoch)
             step_pairs = epoch_steps(len(pairs), tr.global_batch_size, epoch, tr.seed)[in_epoch]
             started = time.perf_counter()
-            sums = torch.zeros(len(METRICS) + 2, dtype=torch.float64)  # metrics..., pairs, tokens
+            sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # metrics..., pairs, tokens
             for micro in rank_micro_batches(step_pairs, self.rank, self.world, tr.micro_batch_size):
                 batch = [pairs[i] for i in micro]
-                real, gen = pair_logps(engine, batch, pad)
+                extra: dict[str, Any] = {}
+                if kl:
+                    out = pair_token_logps(engine, batch, pad)
+                    real, gen = out.real, out.generated
+                    extra.update(
+                        policy_real_token_logps=out.real_tokens,
+                        base_real_token_logps=base_tokens_like(batch, out.real_mask),
+                        real_token_mask=out.real_mask,
+                    )
+                else:
+                    real, gen = pair_logps(engine, batch, pad)
                 if opponent is None:
                     o_real = torch.tensor([p.opponent[0] for p in batch], device=device)
                     o_gen = torch.tensor([p.opponent[1] for p in batch], device=device)
                 else:
                     with torch.no_grad():
                         o_real, o_gen = pair_logps(opponent, batch, pad)
-                losses, r_real, r_gen = spin_loss(real, gen, o_real, o_gen, self.beta, tr.loss)
+                m_real, m_gen = self.opponent_of(batch, o_real, o_gen, device)
+                n_real = real_token_counts(batch, device)
+                losses, r_real, r_gen, terms = spin_objective(
+                    real,
+                    gen,
+                    m_real,
+                    m_gen,
+                    self.beta,
+                    tr.loss,
+                    sft_weight=tr.sft_weight,
+                    real_token_counts=n_real if sft else None,
+                    kl_to_base=tr.kl_to_base,
+                    **extra,
+                )
                 engine.backward(losses.mean())
                 engine.step()
-                values = [
-                    losses.detach(),
-                    r_real,
-                    r_gen,
-                    (r_real > r_gen).float(),
-                    r_real - r_gen,
-                    real.detach(),
-                    gen.detach(),
-                ]
-                sums[: len(METRICS)] += torch.stack([v.double().sum().cpu() for v in values])
+                n_gen = torch.tensor([len(p.generated) for p in batch], dtype=torch.float32, device=device)
+                values = {
+                    "loss": losses.detach(),
+                    "loss/spin": terms["spin"],
+                    "rewards/real": r_real,
+                    "rewards/generated": r_gen,
+                    "rewards/accuracies": (r_real > r_gen).float(),
+                    "rewards/margins": r_real - r_gen,
+                    "logps/real": real.detach(),
+                    "logps/generated": gen.detach(),
+                    "logps/real_per_token": real.detach() / n_real,
+                    "logps/generated_per_token": gen.detach() / n_gen,
+                    "logps/real_start": o_real,
+                    "logps/real_change": real.detach() - o_real,
+                    "pairs/identical_share": torch.tensor([float(p.identical) for p in batch]),
+                    "loss/sft": terms.get("sft"),
+                    "loss/kl": terms.get("kl"),
+                }
+                sums[: len(names)] += torch.stack([values[k].double().sum().cpu() for k in names])
                 sums[-2] += len(batch)
                 sums[-1] += sum(len(p.prompt) * 2 + len(p.real) + len(p.generated) for p in batch)
             dist.all_reduce(sums)
             global_step += 1
             seconds = time.perf_counter() - started
-            record = {k: (sums[i] / sums[-2]).item() for i, k in enumerate(METRICS)}
+            record = {k: (sums[i] / sums[-2]).item() for i, k in enumerate(names)}
             record.update(
                 step=global_step, epoch=epoch + 1, lr=engine.get_lr()[0], **{"tokens/s": sums[-1].item() / seconds}
             )
             history["steps"].append(record)
-            epoch_sums[: len(METRICS)] += sums[: len(METRICS)]
+            epoch_sums[: len(names)] += sums[: len(names)]
             epoch_sums[-1] += sums[-2]
             bar.update(1)
             bar.set_postfix(
@@ -307,7 +489,7 @@ class Trainer:
             )
             end_of_epoch = global_step % steps_per_epoch == 0
             if end_of_epoch:
-                summary = {k: (epoch_sums[i] / max(1, epoch_sums[-1])).item() for i, k in enumerate(METRICS)}
+                summary = {k: (epoch_sums[i] / max(1, epoch_sums[-1])).item() for i, k in enumerate(names)}
                 history["epochs"].append({"epoch": epoch + 1, "step": global_step, **summary})
                 epoch_sums.zero_()
             if global_step < total and (end_of_epoch or global_step % tr.checkpoint_every_steps == 0):
@@ -402,14 +584,18 @@ class Trainer:
                         shutil.copyfile(model_dir / name, out / name)
                 final = dict(history["epochs"][-1]) if history["epochs"] else {}
                 final.pop("epoch", None)
+                change, warnings = collapse_check(history["steps"], self.tr.collapse_warn_nats, t)
                 final.update(
                     {
-                        "pairs/total": len(pairs),
-                        "pairs/identical": sum(p.identical for p in pairs),
+                        **self.pair_stats,
+                        **change,
+                        "opponent/iterates": len(self.weights),
                         "steps": history["steps"][-1]["step"] if history["steps"] else 0,
                     }
                 )
-                metrics = {**history, "final": final, "iteration": t}
+                for warning in warnings:
+                    self.log(f"warning: {warning}")
+                metrics = {**history, "final": final, "iteration": t, "variant": self.variant, "warnings": warnings}
                 (out / "spin_metrics.json").write_text(json.dumps(metrics))
                 store.publish(layout.checkpoint(t), out, meta={"iteration": t, "final": final})
                 publish_metrics(store, t, metrics)
@@ -419,6 +605,9 @@ class Trainer:
                     "iteration": t,
                     "checkpoint": store.uri_of(layout.checkpoint(t)),
                     "metrics": {k: round(v, 6) for k, v in final.items() if isinstance(v, int | float)},
+                    # Last: the operator keeps the tail of this line in status.
+                    "variant": self.variant,
+                    "warnings": warnings,
                 }
                 write_termination_message(json.dumps(summary))
                 print(json.dumps(summary), flush=True)

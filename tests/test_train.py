@@ -104,6 +104,12 @@ def test_training_publishes_a_model_and_learns_the_preference(two_process_zero2)
     assert metrics["epochs"][-1]["rewards/accuracies"] > metrics["epochs"][0]["rewards/accuracies"] - 1e-9
     assert metrics["final"]["rewards/accuracies"] > 0.5
     assert metrics["final"]["pairs/total"] == ROWS
+    # Collapse diagnostics are published with the paper's defaults too (issue 9), and the method is named.
+    assert metrics["variant"] == "SPIN (paper)" and isinstance(metrics["warnings"], list)
+    for key in ("logps/real", "logps/generated", "logps/real_change", "pairs/identical_share", "loss/spin"):
+        assert key in steps[0] and key in metrics["final"], key
+    assert {"logps/real_change_end", "pairs/identical", "pairs/dropped", "pairs/trained"} <= set(metrics["final"])
+    assert metrics["final"]["pairs/dropped"] == 0 and metrics["final"]["pairs/trained"] == ROWS
     files = store.manifest(layout.checkpoint(1)).files
     assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= set(files)
     # Train states are scratch: gone once the model is published.
@@ -111,6 +117,7 @@ def test_training_publishes_a_model_and_learns_the_preference(two_process_zero2)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["checkpoint"] == store.uri_of(layout.checkpoint(1))
     assert json.loads((spec.parent / "termination").read_text()) == summary
+    assert (summary["variant"], summary["warnings"]) == ("SPIN (paper)", metrics["warnings"])
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(store.fetch(layout.checkpoint(1))).num_parameters() > 0
