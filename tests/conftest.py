@@ -15,4 +15,4 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.models", "tests.fixtures.kube"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.models", "tests.fixtures.helm", "tests.fixtures.kube"]

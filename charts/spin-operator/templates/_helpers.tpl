@@ -72,20 +72,22 @@ Checks of value combinations that a JSON schema cannot express well; `fail` name
 {{/*
 RBAC rules for the namespaced resources the operator uses, in every namespace it serves. Exactly the verbs of the
 requests the operator makes (tests/test_chart.py checks them against the request log of the operator tests):
-  - spinruns: kopf lists and watches them and patches its progress annotations and finalizers;
+  - spinruns: kopf lists and watches them (the operator keeps no state on the object itself: no annotations,
+    no finalizers; children are deleted by the garbage collector through their ownerReferences);
   - spinruns/status: the operator and kopf patch the status subresource;
   - spinruns/finalizers (update): required by the API server's OwnerReferencesPermissionEnforcement admission
     plugin to set blockOwnerDeletion in the children's ownerReferences (kopf.adopt does); no request uses it;
-  - jobs (generation, Indexed) and pytorchjobs (training): created, watched, patched (suspend), deleted on retry;
-  - configmaps: the resolved SpinRun spec mounted into the children;
-  - pods: read-only, for the termination messages of failed children;
+  - jobs (generation, Indexed) and pytorchjobs (training): created, watched, read and patched to adopt an
+    existing child of the same name, patched (suspend), deleted on retry;
+  - configmaps: the resolved SpinRun spec mounted into the children (created, read, patched);
+  - pods: get and list only, for the termination messages of the children;
   - events: kopf and the operator post Events on the SpinRun.
 No Secret access: the pods name spec.storage.credentialsSecret, the kubelet reads it.
 */}}
 {{- define "spin-operator.namespacedRules" -}}
 - apiGroups: ["selfplay.dev"]
   resources: ["spinruns"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["selfplay.dev"]
   resources: ["spinruns/status"]
   verbs: ["patch"]
@@ -100,10 +102,10 @@ No Secret access: the pods name spec.storage.credentialsSecret, the kubelet read
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

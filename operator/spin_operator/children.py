@@ -1,0 +1,363 @@
+"""What the operator creates for a SpinRun: the spec ConfigMap, generation Jobs and training PyTorchJobs.
+
+Pure functions from the accepted SpinRun to Kubernetes objects. Names are deterministic, so a restarted operator
+finds (and adopts) what it created before instead of creating it twice:
+
+    <run>-spec                  ConfigMap holding run.json (the resolved SpinRun), mounted at /etc/spin/run.json
+    <run>-i<t>-gen[-r<k>]       batch/v1 Job, Indexed, one pod per shard: `spin generate --iteration t`
+    <run>-i<t>-train[-r<k>]     kubeflow.org/v1 PyTorchJob: `torchrun ... spin train --iteration t`
+    <run>-i<t>-eval[-r<k>]      batch/v1 Job, one pod: `spin evaluate --iteration t` (when spec.evaluation is set)
+
+`-r<k>` marks the k-th recreation after a failure (attempt 0 has no suffix). No spec value is ever put into a
+shell string: commands and arguments are lists, and the only values taken from the spec are numbers, the image,
+resources, placement and the names of Secrets.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any, Literal
+
+import kopf
+
+from spin_core.spec import Placement, SpinRun
+from spin_operator.config import Config
+from spin_operator.kube import JOBS, PYTORCHJOBS, Kind
+
+Step = Literal["generate", "train", "evaluate"]
+
+RUN_LABEL = "selfplay.dev/run"
+ITERATION_LABEL = "selfplay.dev/iteration"
+STEP_LABEL = "selfplay.dev/step"
+ATTEMPT_LABEL = "selfplay.dev/attempt"
+SPEC_HASH_ANNOTATION = "selfplay.dev/spec-hash"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "spin-operator", "app.kubernetes.io/part-of": "spin"}
+
+SPEC_DIR = "/etc/spin"
+SPEC_FILE = "run.json"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
+GENERATE_CONTAINER = "generate"
+TRAIN_CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
+EVALUATE_CONTAINER = "evaluate"
+GPU = "nvidia.com/gpu"
+
+KIND_OF: dict[str, Kind] = {"generate": JOBS, "train": PYTORCHJOBS, "evaluate": JOBS}
+SHORT = {"generate": "gen", "train": "train", "evaluate": "eval"}
+COMPONENT = {"generate": "generator", "train": "trainer", "evaluate": "evaluator"}
+
+
+def configmap_name(run: str) -> str:
+    return f"{run}-spec"
+
+
+def child_name(run: str, iteration: int, step: Step, attempt: int = 0) -> str:
+    base = f"{run}-i{iteration}-{SHORT[step]}"
+    return base if attempt == 0 else f"{base}-r{attempt}"
+
+
+def master_pod_name(train_job: str) -> str:
+    """The Training Operator names replica pods <job>-<replica type>-<index>."""
+    return f"{train_job}-master-0"
+
+
+def spec_json(run: SpinRun) -> str:
+    """run.json: the resolved SpinRun (defaults filled in) the jobs read with `--spec`."""
+    return json.dumps(run.to_document(), indent=1, sort_keys=True)
+
+
+def spec_hash(run: SpinRun) -> str:
+    return hashlib.sha256(spec_json(run).encode()).hexdigest()[:16]
+
+
+def owner(body: dict[str, Any]) -> dict[str, Any]:
+    """The parts of the SpinRun that kopf.adopt and kopf's events need."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion", "selfplay.dev/v1alpha1"),
+        "kind": body.get("kind", "SpinRun"),
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
+    }
+
+
+def _labels(run: SpinRun, iteration: int | None = None, step: Step | None = None, attempt: int | None = None):
+    labels = {RUN_LABEL: run.metadata.name, **MANAGED_BY}
+    if iteration is not None:
+        labels[ITERATION_LABEL] = str(iteration)
+    if step is not None:
+        labels[STEP_LABEL] = step
+        labels["app.kubernetes.io/component"] = COMPONENT[step]
+    if attempt is not None:
+        labels[ATTEMPT_LABEL] = str(attempt)
+    return labels
+
+
+def _adopt(obj: dict[str, Any], owner_body: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    """Owner reference (controller), namespace and the run's labels; ours win over the owner's copied labels."""
+    kopf.adopt(obj, owner=owner(owner_body))
+    obj["metadata"].setdefault("labels", {}).update(labels)
+    return obj
+
+
+def configmap(run: SpinRun, owner_body: dict[str, Any]) -> dict[str, Any]:
+    obj = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(run.metadata.name),
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
+        },
+        "data": {SPEC_FILE: spec_json(run)},
+    }
+    return _adopt(obj, owner_body, _labels(run))
+
+
+def _resources(placement: Placement, default: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """The spec's requests/limits (or the operator's default when the spec sets none), GPUs from the GPU field."""
+    spec_resources = placement.resources.model_dump(mode="json")
+    chosen = spec_resources if (spec_resources["requests"] or spec_resources["limits"]) else copy.deepcopy(default)
+    requests = {k: str(v) for k, v in (chosen.get("requests") or {}).items() if k != GPU}
+    limits = {k: str(v) for k, v in (chosen.get("limits") or {}).items() if k != GPU}
+    if gpus > 0:
+        limits[GPU] = str(gpus)
+        requests[GPU] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(run: SpinRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    storage = run.spec.storage
+    env: list[dict[str, Any]] = [{"name": "SPIN_RUN", "value": run.metadata.name}]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env += [
+            {"name": "AWS_REGION", "value": storage.region},
+            {"name": "AWS_DEFAULT_REGION", "value": storage.region},
+        ]
+    env_from = [{"secretRef": {"name": storage.credentials_secret}}] if storage.credentials_secret else []
+    return env, env_from
+
+
+POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _pod_spec(
+    run: SpinRun, placement: Placement, container: dict[str, Any], config: Config, restart_policy: str
+) -> dict[str, Any]:
+    env, env_from = _env(run)
+    container = {
+        **container,
+        "env": env,
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    pod: dict[str, Any] = {
+        "restartPolicy": restart_policy,
+        "automountServiceAccountToken": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "spec",
+                "configMap": {
+                    "name": configmap_name(run.metadata.name),
+                    "items": [{"key": SPEC_FILE, "path": SPEC_FILE}],
+                },
+            },
+            # NCCL and vLLM need far more shared memory than the container runtime's 64 MiB default.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if config.job_service_account:
+        pod["serviceAccountName"] = config.job_service_account
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in placement.tolerations]
+    return pod
+
+
+def generation_job(
+    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+) -> dict[str, Any]:
+    """The Indexed Job of one iteration's generation: pod i generates shard i (JOB_COMPLETION_INDEX)."""
+    gen = run.spec.generation
+    labels = _labels(run, iteration, "generate", attempt)
+    container = {
+        "name": GENERATE_CONTAINER,
+        "image": gen.image or config.generator_image,
+        "command": ["spin"],
+        "args": ["generate", "--spec", SPEC_PATH, "--iteration", str(iteration)],
+        "resources": _resources(gen, config.generator_resources, gen.gpus_per_shard),
+    }
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": child_name(run.metadata.name, iteration, "generate", attempt),
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
+        },
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": gen.shards,
+            "parallelism": gen.shards,
+            "backoffLimitPerIndex": gen.backoff_limit_per_index,
+            "podFailurePolicy": {
+                "rules": [
+                    # Node drains, preemption, spot reclaims: not the shard's fault, not counted.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    # `spin generate` exits 2 on a problem the user must fix (spec, data): retrying cannot help.
+                    {
+                        "action": "FailIndex",
+                        "onExitCodes": {"containerName": GENERATE_CONTAINER, "operator": "In", "values": [2]},
+                    },
+                ]
+            },
+            "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
+            "suspend": suspend,
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": _pod_spec(run, gen, container, config, restart_policy="Never"),
+            },
+        },
+    }
+    return _adopt(obj, owner_body, labels)
+
+
+def training_job(
+    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+) -> dict[str, Any]:
+    """The PyTorchJob of one iteration's training: torchrun on every node, one Master and nodes-1 Workers."""
+    train = run.spec.training
+    labels = _labels(run, iteration, "train", attempt)
+    container = {
+        "name": TRAIN_CONTAINER,
+        "image": train.image or config.trainer_image,
+        # torchrun takes the rendezvous (master address/port, node rank) from the PET_* variables the Training
+        # Operator sets; --no-python runs the `spin` executable itself in every rank.
+        "command": ["torchrun"],
+        "args": [
+            "--nnodes",
+            str(train.nodes),
+            "--nproc-per-node",
+            str(train.processes_per_node),
+            "--no-python",
+            "spin",
+            "train",
+            "--spec",
+            SPEC_PATH,
+            "--iteration",
+            str(iteration),
+        ],
+        "resources": _resources(train, config.trainer_resources, train.gpus_per_node),
+    }
+
+    def replica(replicas: int) -> dict[str, Any]:
+        return {
+            "replicas": replicas,
+            "restartPolicy": "OnFailure",
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": _pod_spec(run, train, container, config, restart_policy="OnFailure"),
+            },
+        }
+
+    replicas = {"Master": replica(1)}
+    if train.nodes > 1:
+        replicas["Worker"] = replica(train.nodes - 1)
+    obj = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {
+            "name": child_name(run.metadata.name, iteration, "train", attempt),
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
+        },
+        "spec": {
+            "nprocPerNode": str(train.processes_per_node),
+            "runPolicy": {
+                "backoffLimit": train.backoff_limit,
+                # Stragglers are stopped when the job ends; the finished Master pod stays for its termination
+                # message (the trainer's summary) and its logs until the TTL removes the job.
+                "cleanPodPolicy": "Running",
+                "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
+                "suspend": suspend,
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    return _adopt(obj, owner_body, labels)
+
+
+def evaluation_job(
+    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+) -> dict[str, Any]:
+    """The Job that evaluates iteration t's model on the held-out prompts (one pod, the generator's image and
+    placement: it runs the same engine). Its pod's termination message carries eval.json's numbers."""
+    gen = run.spec.generation
+    labels = _labels(run, iteration, "evaluate", attempt)
+    container = {
+        "name": EVALUATE_CONTAINER,
+        "image": gen.image or config.generator_image,
+        "command": ["spin"],
+        "args": ["evaluate", "--spec", SPEC_PATH, "--iteration", str(iteration)],
+        "resources": _resources(gen, config.generator_resources, gen.gpus_per_shard),
+    }
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": child_name(run.metadata.name, iteration, "evaluate", attempt),
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
+        },
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": gen.backoff_limit_per_index,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    # Exit 2 is a problem the user must fix (e.g. a scorer that raises): retrying cannot help.
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": EVALUATE_CONTAINER, "operator": "In", "values": [2]},
+                    },
+                ]
+            },
+            "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
+            "suspend": suspend,
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": _pod_spec(run, gen, container, config, restart_policy="Never"),
+            },
+        },
+    }
+    return _adopt(obj, owner_body, labels)
+
+
+BUILD = {"generate": generation_job, "train": training_job, "evaluate": evaluation_job}
+
+
+def suspend_patch(step: Step, suspend: bool) -> dict[str, Any]:
+    """The merge patch that suspends (True) or resumes (False) a child."""
+    if KIND_OF[step] is JOBS:
+        return {"spec": {"suspend": suspend}}
+    return {"spec": {"runPolicy": {"suspend": suspend}}}
