@@ -1,5 +1,6 @@
 """Training pairs of iteration t: the published shards of t and the `mixPreviousIterations` before it, tokenised
-exactly as generation tokenised them, plus per-sequence log-prob helpers (one concatenated forward)."""
+exactly as generation tokenised them, plus per-sequence log-prob helpers (one forward per batch: the prompt shared
+by both answers, or both sides as rows of one concatenated batch)."""
 
 from __future__ import annotations
 
@@ -94,8 +95,100 @@ def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     return token_logps.sum(-1)
 
 
-def pair_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real, generated) summed answer log-probs of a batch of pairs: both sides in one concatenated forward."""
+# ------------------------------------------------------------------------------- the shared-prompt forward
+# Both answers of a pair follow the same prompt. Instead of two rows (prompt + real, prompt + generated), one row
+# holds prompt + real + generated: the generated answer's positions restart where the prompt ends, and a 4D
+# attention mask lets it see the prompt and itself, never the real answer. Each prompt token goes through the
+# model once instead of twice; the log-probs are those of the two-row forward (up to float rounding).
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def shares_prompt(model, enabled: bool = True) -> bool:
+    """Whether the shared-prompt forward applies: asked for, and the model's attention takes a custom 4D mask
+    (transformers' sdpa and eager implementations do; flash-attention kernels do not)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    config = getattr(inner, "config", None)
+    return enabled and getattr(config, "_attn_implementation", None) in CUSTOM_MASK_ATTENTION
+
+
+@dataclass
+class Packed:
+    """One row per pair: prompt, real answer, generated answer; with what the forward and the gathers need."""
+
+    ids: torch.Tensor  # (batch, width)
+    positions: torch.Tensor  # (batch, width)
+    allowed: torch.Tensor  # (batch, 1, width, width) bool: query may attend key
+    real_at: torch.Tensor  # (batch, R): the position whose logits predict each real-answer token
+    real_targets: torch.Tensor  # (batch, R)
+    real_keep: torch.Tensor  # (batch, R) bool
+    gen_at: torch.Tensor  # (batch, G)
+    gen_targets: torch.Tensor
+    gen_keep: torch.Tensor
+
+
+def packed_tensors(pairs: list[Pair], pad_id: int) -> Packed:
+    n = len(pairs)
+    width = max(len(p.prompt) + len(p.real) + len(p.generated) for p in pairs)
+    r_max, g_max = max(max(len(p.real) for p in pairs), 1), max(max(len(p.generated) for p in pairs), 1)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = torch.zeros((n, 1, width, width), dtype=torch.bool)
+    real_at, real_targets = torch.zeros((n, r_max), dtype=torch.long), torch.zeros((n, r_max), dtype=torch.long)
+    gen_at, gen_targets = torch.zeros((n, g_max), dtype=torch.long), torch.zeros((n, g_max), dtype=torch.long)
+    real_keep, gen_keep = torch.zeros((n, r_max), dtype=torch.bool), torch.zeros((n, g_max), dtype=torch.bool)
+    for i, pair in enumerate(pairs):
+        lp, lr, lg = len(pair.prompt), len(pair.real), len(pair.generated)
+        used = lp + lr + lg
+        ids[i, :used] = torch.tensor(pair.prompt + pair.real + pair.generated)
+        positions[i, : lp + lr] = torch.arange(lp + lr)
+        positions[i, lp + lr : used] = torch.arange(lp, lp + lg)
+        allowed[i, 0, :used, :used] = causal[:used, :used]
+        allowed[i, 0, lp + lr : used, lp : lp + lr] = False  # the generated answer never sees the real one
+        allowed[i, 0, used:, :] = causal[used:, :]  # padding queries: harmless rows (no all-masked softmax)
+        # The last prompt position predicts the first token of either answer; then each answer its own next one.
+        real_at[i, :lr] = torch.tensor([lp - 1, *range(lp, lp + lr - 1)][:lr], dtype=torch.long)
+        gen_at[i, :lg] = torch.tensor([lp - 1, *range(lp + lr, lp + lr + lg - 1)][:lg], dtype=torch.long)
+        real_targets[i, :lr], real_keep[i, :lr] = torch.tensor(pair.real, dtype=torch.long), True
+        gen_targets[i, :lg], gen_keep[i, :lg] = torch.tensor(pair.generated, dtype=torch.long), True
+    return Packed(ids, positions, allowed, real_at, real_targets, real_keep, gen_at, gen_targets, gen_keep)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the additive float mask every attention implementation takes (0 or the dtype's min)."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_token_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(real token log-probs, real keep, generated token log-probs, generated keep) from one shared-prompt forward;
+    token log-probs are 0 where keep is False."""
+    packed = packed_tensors(pairs, pad_id)
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype if first.dtype.is_floating_point else torch.float32
+    logits = model(
+        input_ids=packed.ids.to(device),
+        attention_mask=_additive(packed.allowed, dtype).to(device),
+        position_ids=packed.positions.to(device),
+    ).logits
+    rows = torch.arange(len(pairs), device=device).unsqueeze(1)
+    out = []
+    for at, targets, keep in (
+        (packed.real_at, packed.real_targets, packed.real_keep),
+        (packed.gen_at, packed.gen_targets, packed.gen_keep),
+    ):
+        chosen = logits[rows, at.to(device)].float().log_softmax(-1)  # only the positions that predict answers
+        keep = keep.to(device)
+        token_logps = torch.gather(chosen, 2, targets.to(device).unsqueeze(-1)).squeeze(-1) * keep
+        out += [token_logps, keep]
+    return tuple(out)
+
+
+def pair_logps(model, pairs: list[Pair], pad_id: int, shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, generated) summed answer log-probs of a batch of pairs, in one forward: the shared-prompt one where
+    the model allows it (`shares_prompt`), else both sides as rows of one concatenated batch."""
+    if shares_prompt(model, shared_prompt):
+        real, _, gen, _ = packed_token_logps(model, pairs, pad_id)
+        return real.sum(-1), gen.sum(-1)
     logps = sequence_logps(model, *batch_tensors(pairs, pad_id))
     return logps[: len(pairs)], logps[len(pairs) :]
 
@@ -106,12 +199,15 @@ class PairLogps:
 
     real: torch.Tensor  # (batch,)
     generated: torch.Tensor  # (batch,)
-    real_tokens: torch.Tensor  # (batch, width - 1): log-prob of each real-answer token, 0 elsewhere
-    real_mask: torch.Tensor  # (batch, width - 1): where the real answer's tokens are
+    real_tokens: torch.Tensor  # (batch, width): log-prob of each real-answer token, in order, 0 elsewhere
+    real_mask: torch.Tensor  # (batch, width): where the real answer's tokens are
 
 
-def pair_token_logps(model, pairs: list[Pair], pad_id: int) -> PairLogps:
-    """Like pair_logps (same single concatenated forward), keeping the real answers' per-token log-probs."""
+def pair_token_logps(model, pairs: list[Pair], pad_id: int, shared_prompt: bool = True) -> PairLogps:
+    """Like pair_logps (the same single forward), keeping the real answers' per-token log-probs."""
+    if shares_prompt(model, shared_prompt):
+        real, real_keep, gen, _ = packed_token_logps(model, pairs, pad_id)
+        return PairLogps(real.sum(-1), gen.sum(-1), real, real_keep)
     tokens, keep = sequence_token_logps(model, *batch_tensors(pairs, pad_id))
     sums, n = tokens.sum(-1), len(pairs)
     return PairLogps(sums[:n], sums[n:], tokens[:n], keep[:n])

@@ -268,6 +268,10 @@ class Training(Placement):
     online: keep the frozen opponent and score each batch."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    shared_prompt: bool = True
+    """Run each pair's prompt through the model once: prompt, real and generated answer in one row, a 4D
+    attention mask keeping the answers apart (same log-probs as two rows). Used where the model's attention
+    takes such a mask (sdpa, eager); false, or flash-attention: two rows per pair."""
     lora: Lora | None = None
     """Train LoRA adapters instead of all weights."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -177,7 +177,15 @@ def linear_with_warmup(optimizer, total: int, warmup_ratio: float):
 
 
 def score_pairs(
-    model, pairs: list[Pair], indices: list[int], rank: int, world: int, batch: int, pad_id: int, tokens: bool = False
+    model,
+    pairs: list[Pair],
+    indices: list[int],
+    rank: int,
+    world: int,
+    batch: int,
+    pad_id: int,
+    tokens: bool = False,
+    shared_prompt: bool = True,
 ) -> dict[int, tuple[float, float, Any]]:
     """No-grad log-probs of pairs[indices] under `model`; each rank scores a slice, every rank gets all:
     {index: (real sum, generated sum, the real answer's per-token log-probs (1-D float32 CPU tensor) or None)}."""
@@ -191,11 +199,11 @@ def score_pairs(
             chunk = mine[start : start + batch]
             batch_pairs = [pairs[i] for i in chunk]
             if tokens:
-                out = pair_token_logps(model, batch_pairs, pad_id)
+                out = pair_token_logps(model, batch_pairs, pad_id, shared_prompt)
                 real, gen = out.real, out.generated
                 per_token = [out.real_tokens[j][out.real_mask[j]].cpu().clone() for j in range(len(chunk))]
             else:
-                real, gen = pair_logps(model, batch_pairs, pad_id)
+                real, gen = pair_logps(model, batch_pairs, pad_id, shared_prompt)
                 per_token = [None] * len(chunk)
             found.update(
                 {i: (r, g, k) for i, r, g, k in zip(chunk, real.tolist(), gen.tolist(), per_token, strict=True)}
@@ -206,10 +214,13 @@ def score_pairs(
     return merged
 
 
-def opponent_logps(model, pairs: list[Pair], rank: int, world: int, batch: int, pad_id: int) -> None:
+def opponent_logps(
+    model, pairs: list[Pair], rank: int, world: int, batch: int, pad_id: int, shared_prompt: bool = True
+) -> None:
     """Fill `pair.opponent` where the generation job did not: each rank scores a slice, all ranks get all."""
     todo = [i for i, p in enumerate(pairs) if p.opponent is None]
-    for i, (real, gen, _) in score_pairs(model, pairs, todo, rank, world, batch, pad_id).items():
+    scores = score_pairs(model, pairs, todo, rank, world, batch, pad_id, shared_prompt=shared_prompt)
+    for i, (real, gen, _) in scores.items():
         pairs[i].opponent = (real, gen)
 
 
@@ -302,7 +313,7 @@ class Trainer:
         opponent = None
         if tr.reference_logprobs == "precompute":
             # The policy starts as M_{t-1}: score the pairs with it before the first update, then keep no opponent.
-            opponent_logps(model, pairs, self.rank, self.world, tr.micro_batch_size * 2, pad)
+            opponent_logps(model, pairs, self.rank, self.world, tr.micro_batch_size * 2, pad, tr.shared_prompt)
         self.score_variants(model, pairs, device, pad)
         if tr.reference_logprobs == "online":
             opponent = frozen_model(model_dir, device)
@@ -366,7 +377,7 @@ class Trainer:
         everything = list(range(len(pairs)))
         args = (self.rank, self.world, tr.micro_batch_size * 2, pad)
         if kl and t == 1:  # the base model is M_0 = M_{t-1}: the policy before its first update
-            for i, (_, _, tokens) in score_pairs(model, pairs, everything, *args, tokens=True).items():
+            for i, (_, _, tokens) in score_pairs(model, pairs, everything, *args, True, tr.shared_prompt).items():
                 pairs[i].base_real_tokens = tokens
         for j in sorted(self.iterate_dirs, reverse=True):  # M_{t-2}, M_{t-3}, ..., then M_0 (base) if needed
             k = t - 1 - j  # steps back from M_{t-1}
@@ -374,7 +385,7 @@ class Trainer:
             roles = [role for role, on in (("mixture opponent", mixed), ("base model, per token", base)) if on]
             self.log(f"scoring the pairs under M_{j} ({', '.join(roles)})")
             frozen = frozen_model(self.iterate_dirs[j], device)
-            for i, (real, gen, tokens) in score_pairs(frozen, pairs, everything, *args, tokens=base).items():
+            for i, (real, gen, tokens) in score_pairs(frozen, pairs, everything, *args, base, tr.shared_prompt).items():
                 if mixed:
                     pairs[i].older.append((real, gen))
                 if base:
@@ -419,7 +430,7 @@ class Trainer:
                 batch = [pairs[i] for i in micro]
                 extra: dict[str, Any] = {}
                 if kl:
-                    out = pair_token_logps(engine, batch, pad)
+                    out = pair_token_logps(engine, batch, pad, tr.shared_prompt)
                     real, gen = out.real, out.generated
                     extra.update(
                         policy_real_token_logps=out.real_tokens,
@@ -427,13 +438,13 @@ class Trainer:
                         real_token_mask=out.real_mask,
                     )
                 else:
-                    real, gen = pair_logps(engine, batch, pad)
+                    real, gen = pair_logps(engine, batch, pad, tr.shared_prompt)
                 if opponent is None:
                     o_real = torch.tensor([p.opponent[0] for p in batch], device=device)
                     o_gen = torch.tensor([p.opponent[1] for p in batch], device=device)
                 else:
                     with torch.no_grad():
-                        o_real, o_gen = pair_logps(opponent, batch, pad)
+                        o_real, o_gen = pair_logps(opponent, batch, pad, tr.shared_prompt)
                 m_real, m_gen = self.opponent_of(batch, o_real, o_gen, device)
                 n_real = real_token_counts(batch, device)
                 losses, r_real, r_gen, terms = spin_objective(
