@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +330,11 @@ def mutations(draw: st.DrawFn, kind: str) -> tuple[dict[str, Any], str, str]:
         return doc, "metadata.name", "metadata.name"
     if kind == "secret":
         spec["storage"]["credentialsSecret"] = draw(
-            st.one_of(BAD_NAMES.filter(lambda n: len(n) <= 40), st.just("a..b"))
+            # A bad DNS-1123 label may still be a good subdomain (Secret names may hold dots: "0.0").
+            st.one_of(
+                BAD_NAMES.filter(lambda n: len(n) <= 40 and not re.fullmatch(s.DNS1123_SUBDOMAIN, n)),
+                st.just("a..b"),
+            )
         )
         return doc, "spec.storage.credentialsSecret", "spec.storage.credentialsSecret"
     if kind == "schedule-missing":
