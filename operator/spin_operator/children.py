@@ -67,8 +67,26 @@ def spec_json(run: SpinRun) -> str:
     return json.dumps(run.to_document(), indent=1, sort_keys=True)
 
 
+_HASHES: dict[str, str] = {}
+"""spec_hash's memo: the compact JSON of a resolved SpinRun -> the hash of its run.json."""
+_HASHES_MAX = 4096
+
+
 def spec_hash(run: SpinRun) -> str:
-    return hashlib.sha256(spec_json(run).encode()).hexdigest()[:16]
+    """The first 16 hex digits of run.json's sha256 (the ConfigMap's and the children's spec-hash annotation).
+
+    run.json is indented JSON, which only Python's slow pure-Python encoder writes (the reconciler asks for the hash
+    on every pass): it is hashed once per distinct content, found by the C encoder's compact JSON of the same
+    document, which determines it (same keys, same order, same values; only the whitespace differs)."""
+    document = run.to_document()
+    key = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    found = _HASHES.get(key)
+    if found is None:
+        found = hashlib.sha256(json.dumps(document, indent=1, sort_keys=True).encode()).hexdigest()[:16]
+        if len(_HASHES) >= _HASHES_MAX:
+            del _HASHES[next(iter(_HASHES))]  # the oldest entry
+        _HASHES[key] = found
+    return found
 
 
 def owner(body: dict[str, Any]) -> dict[str, Any]:

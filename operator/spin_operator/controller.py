@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import copy
 import json
 import logging
 import time
@@ -60,12 +59,19 @@ class RunState:
     accepted: SpinRun | None = None
     accepted_loaded: bool = False
     configmap_hash: str | None = None
+    configmap_run: SpinRun | None = None
+    """The accepted SpinRun object whose hash `configmap_hash` was last checked against (models are never mutated:
+    a new spec is a new object), so that an unchanged spec is not hashed again on every pass."""
     created: dict[str, dict[str, Any]] = field(default_factory=dict)
     suspend_sent: dict[str, bool] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     failure_notes: dict[str, str] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
     error_backoff: float = 0.0
+    seen: tuple[Any, ...] | None = None
+    """What of the SpinRun the last reconciliation read, besides its status (see `_fingerprint`); a copy."""
+    parsed: tuple[tuple[Any, ...], SpinRun | SpecError] | None = None
+    """The last `_parse_run` result and what it was parsed from: the spec is validated again only when it changes."""
 
 
 def _first(store: Any) -> dict[str, Any] | None:
@@ -91,6 +97,37 @@ def _parse_run(body: Mapping[str, Any]) -> SpinRun | SpecError:
         return e
 
 
+def _fingerprint(body: Mapping[str, Any], copy: bool = False) -> tuple[Any, ...]:
+    """Everything of a SpinRun a reconciliation depends on, except its status. Without `copy` it refers to the
+    body's own parts (enough to compare it with a stored fingerprint); with it, they are copied (to store it)."""
+    meta = body.get("metadata") or {}
+    labels, spec = _raw(meta.get("labels") or {}), _raw(body.get("spec"))
+    return (
+        meta.get("uid"),
+        meta.get("generation"),
+        meta.get("deletionTimestamp"),
+        st_.clone(labels) if copy else labels,
+        st_.clone(spec) if copy else spec,
+    )
+
+
+_JSON_TYPES = (dict, list, str, int, float, bool, type(None))
+
+
+def _raw(value: Any) -> Any:
+    """A part of a body as the JSON parser made it: kopf hands handlers views (Mappings) of a raw dict, whose own
+    values are plain dicts, lists and scalars already; only a view itself needs converting."""
+    return value if type(value) in _JSON_TYPES else _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def checkpoint_uri(run: SpinRun, t: int) -> str:
     return f"{run.spec.storage.uri.rstrip('/')}/{layout.checkpoint(t)}"
 
@@ -112,6 +149,8 @@ class Controller:
         self._workers: dict[Key, asyncio.Task[None]] = {}
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._resync: asyncio.Task[None] | None = None
+        self._phases_changed = True
+        """Some run's phase changed (or a run appeared) since the runs-by-phase gauge was last set."""
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def bind(self, spinruns: Mapping[Key, Any], jobs: Mapping[Key, Any], pytorchjobs: Mapping[Key, Any]) -> None:
@@ -149,6 +188,20 @@ class Controller:
             self._workers[key] = asyncio.get_running_loop().create_task(
                 self._work(key), name=f"reconcile {key[0]}/{key[1]}", context=context
             )
+
+    def spinrun_changed(self, key: Key, body: Mapping[str, Any]) -> None:
+        """A watch event of the SpinRun itself: wake the run, unless the event only echoes the operator's own
+        status write (same spec, metadata and status as the last reconciliation read and wrote). Without this,
+        every status patch came back as an event and cost one more full reconciliation."""
+        state = self.states.get(key)
+        if (
+            state is not None
+            and state.seen == _fingerprint(body)
+            and _raw(body.get("status") or {}) == state.written
+            and key not in self._dirty
+        ):
+            return
+        self.wake(key)
 
     def wake_later(self, key: Key, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -230,8 +283,11 @@ class Controller:
         uid = meta.get("uid")
         state = self.states.get(key)
         if state is None or state.uid != uid:
-            status = copy.deepcopy(body.get("status") or {})
-            state = self.states[key] = RunState(uid=uid, written=copy.deepcopy(status), status=status)
+            status = st_.clone(_raw(body.get("status") or {}))
+            state = self.states[key] = RunState(uid=uid, written=st_.clone(status), status=status)
+            self._phases_changed = True
+        if state.seen != _fingerprint(body):
+            state.seen = _fingerprint(body, copy=True)
         status = state.status
         conditions = status.setdefault("conditions", [])
         generation = meta.get("generation")
@@ -239,8 +295,13 @@ class Controller:
             status["observedGeneration"] = generation
         owner = children.owner(body)
 
-        # 1. The spec: validate, and compare with the last accepted one.
-        current = _parse_run(body)
+        # 1. The spec: validate (once per distinct spec and labels), and compare with the last accepted one.
+        source = (body.get("apiVersion"), body.get("kind"), meta.get("name"), meta.get("namespace"), state.seen)
+        if state.parsed is not None and state.parsed[0] == source:
+            current = state.parsed[1]
+        else:
+            current = _parse_run(body)
+            state.parsed = (source, current)
         if state.accepted is None and state.written and not state.accepted_loaded:
             state.accepted_loaded = True
             await self._load_accepted(state, namespace, name)
@@ -255,7 +316,7 @@ class Controller:
             rejected = ("InvalidSpec", message)
         elif state.accepted is None:
             state.accepted = current
-        elif changes.changed_fields(state.accepted.spec, current.spec):
+        elif current is not state.accepted and changes.changed_fields(state.accepted.spec, current.spec):
             problems = changes.unsafe_changes(state.accepted.spec, current.spec, self._started(status))
             if problems:
                 rejected = ("UnsafeSpecChange", "; ".join(problems) + ": revert the spec, or create a new SpinRun")
@@ -354,15 +415,18 @@ class Controller:
         state.configmap_hash = children.spec_hash(accepted)
 
     async def _ensure_configmap(self, state: RunState, run: SpinRun, body: dict[str, Any]) -> None:
+        if run is state.configmap_run and state.configmap_hash is not None:
+            return  # the same accepted spec as on the last pass, whose ConfigMap was found up to date
         want = children.spec_hash(run)
         if state.configmap_hash == want:
+            state.configmap_run = run
             return
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         obj = children.configmap(run, body)
         if state.configmap_hash is None:
             try:
                 await self.kube.create(CONFIGMAPS, namespace, obj)
-                state.configmap_hash = want
+                state.configmap_hash, state.configmap_run = want, run
                 return
             except ApiError as e:
                 if e.status != 409:
@@ -371,7 +435,7 @@ class Controller:
             same = (existing.get("data") or {}).get(children.SPEC_FILE) == obj["data"][children.SPEC_FILE]
             owners = [r.get("uid") for r in existing.get("metadata", {}).get("ownerReferences") or []]
             if same and state.uid in owners:
-                state.configmap_hash = want
+                state.configmap_hash, state.configmap_run = want, run
                 return
         await self.kube.patch(
             CONFIGMAPS,
@@ -384,7 +448,7 @@ class Controller:
         )
         if state.configmap_hash is not None:
             logger.info("[%s/%s] spec ConfigMap updated", namespace, name)
-        state.configmap_hash = want
+        state.configmap_hash, state.configmap_run = want, run
 
     def _children(self, key: Key, state: RunState) -> list[Child]:
         jobs = [b for b in self.jobs.get(key, ()) or ()]
@@ -793,6 +857,7 @@ class Controller:
             status["iteration"] = last or n
             status["progress"] = f"{last or n}/{n}"
         if before != phase:
+            self._phases_changed = True
             (kopf.warn if warn else kopf.info)(owner, reason=phase, message=message)
 
     def _conditions(self, state: RunState) -> None:
@@ -827,7 +892,9 @@ class Controller:
             )
         else:
             st_.set_condition(conds, "Degraded", False, "AsExpected", "", gen)
-        metrics.set_phases(s.status.get("phase") for s in self.states.values())
+        if self._phases_changed:  # counting every run's phase on every pass would cost O(runs) each time
+            self._phases_changed = False
+            metrics.set_phases(s.status.get("phase") for s in self.states.values())
 
     async def _write(self, key: Key, state: RunState) -> None:
         patch = st_.merge_patch(state.written, state.status)
@@ -840,4 +907,4 @@ class Controller:
                 self.forget(key)
                 return
             raise
-        state.written = copy.deepcopy(state.status)
+        state.written = st_.clone(state.status)

@@ -76,6 +76,21 @@ def find_record(status: dict[str, Any], iteration: int) -> dict[str, Any] | None
     return next((r for r in status.get("iterations") or [] if r.get("iteration") == iteration), None)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def clone(value: Any) -> Any:
+    """A deep copy of JSON-like data (what the status is): copy.deepcopy's result for it, several times faster
+    (no memo, no per-type dispatch). Anything that is not a dict, a list or a JSON scalar goes to copy.deepcopy."""
+    if type(value) is dict:
+        return {k: clone(v) for k, v in value.items()}
+    if type(value) is list:
+        return [clone(v) for v in value]
+    if isinstance(value, _SCALARS):
+        return value
+    return copy.deepcopy(value)
+
+
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """RFC 7386 merge patch turning `old` into `new` (lists are replaced whole)."""
     patch: dict[str, Any] = {}
@@ -88,5 +103,5 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             if sub:
                 patch[key] = sub
         elif value != before or key not in old:
-            patch[key] = copy.deepcopy(value)
+            patch[key] = clone(value)
     return patch
