@@ -111,12 +111,12 @@ def describe(error: ValidationError) -> list[str]:
     return lines
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Mappings and sequences of any kind (kopf's views, tuples) as the dicts and lists a JSON parser gives."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -125,7 +125,7 @@ def parse(document: Any, source: str = "<spinrun>") -> SpinRun:
     if not isinstance(document, Mapping):
         raise SpecError(source, [f"expected a mapping (a SpinRun object), got {type(document).__name__}"])
     try:
-        return SpinRun.model_validate(_plain(document))
+        return SpinRun.model_validate(plain(document))
     except ValidationError as e:
         raise SpecError(source, describe(e)) from None
 

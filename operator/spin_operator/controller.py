@@ -26,7 +26,7 @@ import kopf
 
 from spin_core import layout
 from spin_core.planner import Progress, Step, best, plan
-from spin_core.resource import SpecError, parse
+from spin_core.resource import SpecError, parse, plain
 from spin_core.spec import SpinRun
 from spin_operator import changes, children, metrics
 from spin_operator import status as st_
@@ -117,15 +117,7 @@ _JSON_TYPES = (dict, list, str, int, float, bool, type(None))
 def _raw(value: Any) -> Any:
     """A part of a body as the JSON parser made it: kopf hands handlers views (Mappings) of a raw dict, whose own
     values are plain dicts, lists and scalars already; only a view itself needs converting."""
-    return value if type(value) in _JSON_TYPES else _plain(value)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return value if type(value) in _JSON_TYPES else plain(value)
 
 
 def checkpoint_uri(run: SpinRun, t: int) -> str:
