@@ -147,11 +147,22 @@ class _Loader(yaml.SafeLoader):
 
 
 # YAML 1.1 (PyYAML) reads `1e-4` as a string; YAML 1.2 and kubectl read it as a number. Read it as kubectl does.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
+_YAML12_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML whose plain scalars read back as they were, here and in kubectl: with the same float rule as
+    `_Loader`, a string such as "0e0" or "1e5" is written quoted (PyYAML alone writes it bare, and a YAML 1.2
+    reader such as kubectl then sees a number)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+
+
+def dump_yaml(document: Any, **options: Any) -> str:
+    """YAML text of a document (key order kept) that `load_documents` and kubectl read back unchanged."""
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, **options)
 
 
 def load_documents(path: str | Path) -> list[Any]:

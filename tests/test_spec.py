@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spin_core import spec as s
-from spin_core.resource import SpecError, load_all, parse
+from spin_core.resource import SpecError, dump_yaml, load_all, load_documents, parse
 from tests.spin_schema import api_server_errors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,7 +404,7 @@ def test_valid_documents_round_trip_through_yaml_and_are_accepted_by_the_crd(doc
     assert api_server_errors(doc) == []
     document = run.to_document()
     path = scratch / "run.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))  # allow_unicode=True would mangle U+0085
+    path.write_text(dump_yaml(document))  # allow_unicode=True would mangle U+0085
     (again,) = load_all(path)
     assert again == run
     assert again.to_document() == document
@@ -578,3 +577,13 @@ def test_bad_metadata_messages():
     with pytest.raises(SpecError) as refused:
         parse(MINIMAL | {"extra": 1})
     assert refused.value.problems == ["extra: unknown field; allowed fields: apiVersion, kind, metadata, spec, status"]
+
+
+@pytest.mark.parametrize("text", ["0e0", "1e5", "-2E-3", ".5e1", "1.5", "true", "null", "0x1F"])
+def test_strings_that_read_as_numbers_are_quoted_when_written(tmp_path, text):
+    """Found by the round-trip property: PyYAML writes "0e0" bare, which a YAML 1.2 reader (kubectl, and our
+    loader) reads as the number 0.0; a SpinRun named "0e0" would not have read back as itself."""
+    doc = {"metadata": {"name": text}, "spec": {"value": text}}
+    path = tmp_path / "doc.yaml"
+    path.write_text(dump_yaml(doc))
+    assert load_documents(path) == [doc]
