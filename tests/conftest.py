@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from hypothesis import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Nothing may come from a model hub; vLLM and DeepSpeed run on the CPU (see README, "Running on CPU").
@@ -14,5 +16,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests: CI replays the same examples every run (a landing must not hinge on the draw); locally each run
+# explores anew, and what it finds is kept in .hypothesis/ and replayed first.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.models", "tests.fixtures.helm", "tests.fixtures.kube"]
