@@ -141,9 +141,8 @@ def spinrun(args: argparse.Namespace, name: str, model: str, data: Path, store: 
 
 def run_spin_arm(args: argparse.Namespace, seed: int, start: str, arm: str, data: Path, model: str) -> dict[str, Any]:
     """One SpinRun through `spin run`; its numbers read back from the published eval.json and metrics.json."""
-    import yaml
-
     from spin_core import layout
+    from spin_core.resource import dump_yaml
     from spin_core.store import Store
 
     cell = data / start / arm
@@ -151,7 +150,7 @@ def run_spin_arm(args: argparse.Namespace, seed: int, start: str, arm: str, data
     name = f"w2s-{start}-{arm.replace('+', '-')}-{seed}"
     store_dir = cell / "run"
     spec_file = cell / "spinrun.yaml"
-    spec_file.write_text(yaml.safe_dump(spinrun(args, name, model, data, store_dir, arm), sort_keys=False))
+    spec_file.write_text(dump_yaml(spinrun(args, name, model, data, store_dir, arm)))
     started = time.monotonic()
     log = cell / "spin-run.log"
     with open(log, "w") as out:
