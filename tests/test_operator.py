@@ -729,3 +729,41 @@ async def test_liveness_probe_and_prometheus_metrics(kube: KubeAPI, operator_con
     finally:
         await auto.close()
         await op.stop()
+
+
+# -- which watch events wake a run ---------------------------------------------------------------------------------
+async def test_watch_events_that_only_echo_the_operators_own_writes_do_not_wake_the_run() -> None:
+    """The creation event of a child the operator just created, and the SpinRun event of its own status write,
+    carry nothing new: they must not cost a reconciliation. Anything else must wake the run. (The controller alone:
+    no API server is needed to decide whether an event wakes a run.)"""
+    from spin_operator.config import Config
+    from spin_operator.controller import Controller, RunState, _fingerprint
+
+    ctrl = Controller(Config(), kube=None)  # type: ignore[arg-type]  # never called: no reconciliation runs
+    key = (NS, "tiny")
+    state = ctrl.states[key] = RunState(uid="u1", written={"phase": "Generating"}, status={"phase": "Generating"})
+    job = {"kind": "Job", "metadata": {"name": "tiny-i1-gen", "uid": "j1"}, "spec": {"parallelism": 1}, "status": {}}
+    state.created["tiny-i1-gen"] = job
+    run = {"metadata": {"uid": "u1", "generation": 1}, "spec": {"iterations": 3}, "status": {"phase": "Generating"}}
+    state.seen = _fingerprint(run, copy=True)
+
+    def woken(event: Callable[[], None], run_key: tuple[str, str] = key) -> bool:
+        event()
+        was = run_key in ctrl._dirty
+        ctrl._dirty.discard(run_key)
+        for task in ctrl._workers.values():
+            task.cancel()
+        ctrl._workers.clear()
+        return was
+
+    assert not woken(lambda: ctrl.child_changed(key, json.loads(json.dumps(job))))
+    assert woken(lambda: ctrl.child_changed(key, {**job, "status": {"active": 1}}))
+    assert woken(lambda: ctrl.child_changed(key, {**job, "metadata": {**job["metadata"], "deletionTimestamp": "t"}}))
+    assert woken(lambda: ctrl.child_changed(key, {**job, "metadata": {"name": "tiny-i1-gen-r1"}}))
+    assert not woken(lambda: ctrl.spinrun_changed(key, json.loads(json.dumps(run))))
+    assert woken(lambda: ctrl.spinrun_changed(key, {**run, "spec": {"iterations": 4}}))
+    assert woken(lambda: ctrl.spinrun_changed(key, {**run, "status": {"phase": "Failed"}}))
+    assert woken(lambda: ctrl.child_changed((NS, "other"), job), (NS, "other")), (
+        "a run the operator has not reconciled yet"
+    )
+    await asyncio.sleep(0)

@@ -70,6 +70,8 @@ class RunState:
     error_backoff: float = 0.0
     seen: tuple[Any, ...] | None = None
     """What of the SpinRun the last reconciliation read, besides its status (see `_fingerprint`); a copy."""
+    woken_at: float | None = None
+    """When the wake that started the current reconciliation arrived (monotonic clock)."""
     parsed: tuple[tuple[Any, ...], SpinRun | SpecError] | None = None
     """The last `_parse_run` result and what it was parsed from: the spec is validated again only when it changes."""
 
@@ -138,6 +140,8 @@ class Controller:
         self.pytorchjobs: Mapping[Key, Any] = {}
         self._context: contextvars.Context | None = None
         self._dirty: set[Key] = set()
+        self._woken: dict[Key, float] = {}
+        """When each dirty run was first woken (monotonic clock): the start of the reaction the metric measures."""
         self._workers: dict[Key, asyncio.Task[None]] = {}
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._resync: asyncio.Task[None] | None = None
@@ -174,6 +178,7 @@ class Controller:
     def wake(self, key: Key) -> None:
         """Ask for a reconciliation of the run; bursts of wakes collapse into one pass (plus one after it)."""
         self._dirty.add(key)
+        self._woken.setdefault(key, time.monotonic())
         worker = self._workers.get(key)
         if worker is None or worker.done():
             context = self._context.copy() if self._context is not None else None
@@ -195,6 +200,22 @@ class Controller:
             return
         self.wake(key)
 
+    def child_changed(self, key: Key, body: Mapping[str, Any]) -> None:
+        """A watch event of a child: wake its run, unless the event only announces a child this operator has just
+        created and that shows nothing new yet (same status as the creation's response, not being deleted): that
+        event cost a full reconciliation per step, in the middle of the burst of steps that end together."""
+        state = self.states.get(key)
+        if state is not None and key not in self._dirty:
+            meta = body.get("metadata") or {}
+            created = state.created.get(meta.get("name"))
+            if (
+                created is not None
+                and not meta.get("deletionTimestamp")
+                and _raw(body.get("status") or {}) == (created.get("status") or {})
+            ):
+                return
+        self.wake(key)
+
     def wake_later(self, key: Key, delay: float) -> None:
         loop = asyncio.get_running_loop()
         when = loop.time() + max(0.0, delay)
@@ -212,6 +233,7 @@ class Controller:
     def forget(self, key: Key) -> None:
         self.states.pop(key, None)
         self._dirty.discard(key)
+        self._woken.pop(key, None)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer[1].cancel()
@@ -226,6 +248,10 @@ class Controller:
     async def _work(self, key: Key) -> None:
         while key in self._dirty:
             self._dirty.discard(key)
+            woken = self._woken.pop(key, None)
+            state = self.states.get(key)
+            if state is not None:
+                state.woken_at = woken
             started = time.perf_counter()
             metrics.RECONCILES.inc()
             try:
@@ -569,7 +595,7 @@ class Controller:
 
         if child is None:
             attempt = rec.get(f"{kind}Retries", 0)
-            await self._create(state, run, body, t, kind, attempt, current)
+            await self._create(state, run, body, t, kind, attempt)
             child_name = children.child_name(run.metadata.name, t, kind, attempt)
             self._set_phase(state, owner, phase, f"iteration {t}/{n}: {word} ({what} {child_name} created)")
             return
@@ -607,7 +633,6 @@ class Controller:
         t: int,
         step: children.Step,
         attempt: int,
-        current: dict[tuple[int, str], Child | None],
     ) -> None:
         namespace = body["metadata"]["namespace"]
         obj = children.BUILD[step](run, body, t, attempt, self.config)
@@ -625,12 +650,10 @@ class Controller:
             created = await self._adopt(state, kind, namespace, name, obj)
         else:
             metrics.CHILDREN_CREATED.labels(step=step).inc()
-            # From the previous step's end (the trigger) to this creation: the operator's reaction time.
-            previous = {"generate": (t - 1, "evaluate" if run.spec.evaluation else "train"), "train": (t, "generate")}
-            before = current.get(previous.get(step, (t, "train")))
-            waited = st_.seconds_since(before.finished_at) if before is not None else None
-            if waited is not None and waited >= 0 and attempt == 0:
-                metrics.REACTION_SECONDS.observe(waited)
+            # From the watch event that woke this pass (the previous step's end, when the pass creates the next
+            # child) to this creation: the operator's own reaction time, on one clock.
+            if state.woken_at is not None and attempt == 0:
+                metrics.REACTION_SECONDS.observe(time.monotonic() - state.woken_at)
             kopf.info(
                 children.owner(body),
                 reason="Created",
@@ -722,7 +745,7 @@ class Controller:
         if await self.kube.delete(children.KIND_OF[step], namespace, child.name):
             state.deleted.add(child.name)
         metrics.CHILD_RETRIES.labels(step=step).inc()
-        await self._create(state, run, body, t, step, retries + 1, current)
+        await self._create(state, run, body, t, step, retries + 1)
         new_name = children.child_name(run.metadata.name, t, step, retries + 1)
         kopf.warn(
             owner,

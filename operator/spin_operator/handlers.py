@@ -115,10 +115,10 @@ async def spinrun_event(type: str | None, namespace: str, name: str, body: kopf.
 
 
 @kopf.on.event(*JOBS, labels=OURS)
-async def job_event(namespace: str, labels: kopf.Labels, memo: Any, **kwargs: Any) -> None:
-    _bound(memo, kwargs).wake((namespace, labels[RUN_LABEL]))
+async def job_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    _bound(memo, kwargs).child_changed((namespace, labels[RUN_LABEL]), body)
 
 
 @kopf.on.event(*PYTORCHJOBS, labels=OURS)
-async def pytorchjob_event(namespace: str, labels: kopf.Labels, memo: Any, **kwargs: Any) -> None:
-    _bound(memo, kwargs).wake((namespace, labels[RUN_LABEL]))
+async def pytorchjob_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    _bound(memo, kwargs).child_changed((namespace, labels[RUN_LABEL]), body)

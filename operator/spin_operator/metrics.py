@@ -33,8 +33,8 @@ STEP_SECONDS = Histogram(
 )
 REACTION_SECONDS = Histogram(
     "spin_operator_reaction_seconds",
-    "From a child's terminal state (its condition's time) to the next child's creation.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    "From the watch event that woke a run (its previous step's end) to the next child's creation.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
 )
 
 
