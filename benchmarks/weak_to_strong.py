@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/weak_to_strong.py                       # every arm, both starts, 3 seeds
     .venv/bin/python benchmarks/weak_to_strong.py --seeds 0 --arms spin,sft --starts weak   # one quick cell
 
-The task is the demo's (two-digit addition in chat format, exact-match scorer `spin_core.demo:score`). Per seed:
+The task is the demo's (addition in chat format, two-digit addends unless `--digits`, exact-match scorer
+`spin_core.demo:score`). Per seed:
 1. data: `--train` SFT rows and `--heldout` held-out rows (no prompt in both), written as JSONL;
 2. two starting models, both the demo's tiny Llama (`spin_core.tiny`) after plain SFT (`spin_core.demo.sft`):
    `weak` after `--weak-steps` steps, and `plateau` after `--plateau-steps` steps (continued from `weak`);
@@ -73,15 +74,15 @@ def prepare_seed(args: argparse.Namespace, seed: int, where: Path) -> dict[str, 
     if done.exists():
         return json.loads(done.read_text())
     where.mkdir(parents=True, exist_ok=True)
-    heldout = demo.make_rows(args.heldout, seed + 1000)
-    train = demo.make_rows(args.train, seed, exclude={r["messages"][0]["content"] for r in heldout})
+    heldout = demo.make_rows(args.heldout, seed + 1000, digits=args.digits)
+    train = demo.make_rows(args.train, seed, exclude={r["messages"][0]["content"] for r in heldout}, digits=args.digits)
     demo.write_jsonl(where / "train.jsonl", train)
     demo.write_jsonl(where / "heldout.jsonl", heldout)
     tokenizer = build_tokenizer(demo.corpus(train + heldout), vocab_size=64)
     weak, plateau = where / "start-weak", where / "start-plateau"
     for d in (weak, plateau):
         shutil.rmtree(d, ignore_errors=True)
-    build_model(weak, tokenizer, hidden_size=args.hidden, layers=args.layers, heads=4, seed=seed)
+    build_model(weak, tokenizer, hidden_size=args.hidden, layers=args.layers, heads=args.hidden // 32, seed=seed)
     demo.sft(weak, train, steps=args.weak_steps, lr=args.sft_lr, batch_size=args.batch, seed=seed)
     if "plateau" in args.starts:  # only when asked: it is most of the preparation's time
         shutil.copytree(weak, plateau)
@@ -292,7 +293,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--train", type=int, default=1000, help="SFT rows (SPIN generates for each)")
     p.add_argument("--heldout", type=int, default=200)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--digits", type=int, default=2, help="digits of each addend (the demo's task: 2)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (a multiple of 32: head dim 32)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--weak-steps", type=int, default=400, help="SFT steps of the weak start")
     p.add_argument("--plateau-steps", type=int, default=2400, help="SFT steps of the plateau start (in all)")

@@ -21,18 +21,22 @@ from spin_core.errors import SpinError
 SYSTEM = None  # no system turn: the prompt is one user message
 
 
-def problem(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+def problem(rng: random.Random, digits: int = 2) -> tuple[str, str]:
+    """One addition of two `digits`-digit numbers: (prompt, answer)."""
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    a, b = rng.randint(low, high), rng.randint(low, high)
     return f"What is {a} + {b}?", str(a + b)
 
 
-def make_rows(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, Any]]:
-    """n distinct problems as chat rows (`messages` format), none of whose prompts is in `exclude`."""
+def make_rows(n: int, seed: int, exclude: set[str] | None = None, digits: int = 2) -> list[dict[str, Any]]:
+    """n distinct `digits`-digit addition problems as chat rows (`messages` format), none of whose prompts is in
+    `exclude`."""
     rng, seen, rows = random.Random(seed), set(exclude or ()), []
-    if n > 90 * 90 - len(seen):
+    count = 9 * 10 ** (digits - 1)
+    if n > count * count - len(seen):
         raise ValueError(f"cannot make {n} distinct problems")
     while len(rows) < n:
-        prompt, answer = problem(rng)
+        prompt, answer = problem(rng, digits)
         if prompt in seen:
             continue
         seen.add(prompt)
