@@ -767,3 +767,14 @@ async def test_watch_events_that_only_echo_the_operators_own_writes_do_not_wake_
         "a run the operator has not reconciled yet"
     )
     await asyncio.sleep(0)
+
+
+def test_the_operations_guide_lists_exactly_the_metrics_the_operator_serves() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    served = set(re.findall(r'"(spin_operator_\w+)"', (root / "operator/spin_operator/metrics.py").read_text()))
+    guide = (root / "docs/operations.md").read_text()
+    listed = set(re.findall(r"^\| `(spin_operator_\w+)(?:\{\w+\})?` \|", guide, flags=re.M))
+    assert len(served) >= 8 and served == listed
