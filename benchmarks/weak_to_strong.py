@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -127,7 +128,7 @@ def spinrun(args: argparse.Namespace, name: str, model: str, data: Path, store: 
                 "nodes": 1,
                 "processesPerNode": args.processes,
                 "gpusPerNode": 0,
-                **ARMS[arm],
+                **args.spin_arms[arm],
             },
             "evaluation": {
                 "dataset": {"uri": f"file://{data / 'heldout.jsonl'}"},
@@ -203,10 +204,13 @@ def heldout_eval(model_dir: Path, heldout: Path, n: int) -> tuple[float, float]:
     return score, sum(real) / len(real)
 
 
-def run_sft_arm(args: argparse.Namespace, seed: int, start: str, data: Path, model: str, blocks: list[int]):
+def run_sft_arm(
+    args: argparse.Namespace, seed: int, start: str, arm: str, data: Path, model: str, blocks: list[int]
+) -> dict[str, Any]:
     from spin_core import demo
 
-    cell = data / start / "sft"
+    lr = args.sft_arms[arm].get("learningRate", args.continue_lr)
+    cell = data / start / arm
     shutil.rmtree(cell, ignore_errors=True)
     cell.mkdir(parents=True)
     work = cell / "model"
@@ -216,7 +220,7 @@ def run_sft_arm(args: argparse.Namespace, seed: int, start: str, data: Path, mod
     score0, logp0 = heldout_eval(work, data / "heldout.jsonl", args.heldout)
     scores, logps = [score0], [logp0]
     for i, steps in enumerate(blocks):
-        demo.sft(work, rows, steps=steps, lr=args.continue_lr, batch_size=args.batch, seed=seed * 100 + i)
+        demo.sft(work, rows, steps=steps, lr=lr, batch_size=args.batch, seed=seed * 100 + i)
         score, logp = heldout_eval(work, data / "heldout.jsonl", args.heldout)
         scores.append(score)
         logps.append(logp)
@@ -224,6 +228,7 @@ def run_sft_arm(args: argparse.Namespace, seed: int, start: str, data: Path, mod
         "score": scores,
         "heldout_logp_real": logps,
         "steps": blocks,
+        "learningRate": lr,
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -248,7 +253,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = []
     for start in args.starts:
         lines.append(f"\n### start: {start} (held-out exact match %, mean ± stdev over seeds {args.seeds})\n")
-        header = ["arm", "start", *[f"iter {t}" for t in range(1, its + 1)], "final − start", "log p(real) held-out"]
+        header = ["arm", "start", *[f"iter {t}" for t in range(1, its + 1)], "final − start", "final − sft (paired)"]
+        header.append("log p(real) held-out")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for arm in args.arms:
@@ -259,6 +265,9 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             row = [arm, spread([c["score"][0] for c in cells])]
             row += [spread([c["score"][t] for c in cells]) for t in range(1, its + 1)]
             row.append(spread([c["score"][-1] - c["score"][0] for c in cells]))
+            # The same seed's continued-SFT arm: the seeds' starts differ more than the arms do.
+            sft = [results[str(s)][start].get("sft") for s in seeds]
+            row.append(spread([c["score"][-1] - b["score"][-1] for c, b in zip(cells, sft, strict=True) if b]))
             traj = [statistics.fmean(c["heldout_logp_real"][t] for c in cells) for t in range(1, its + 1)]
             # eval.json holds the new model's log p(real) only: the start's comes from the SFT arm's first scoring.
             first = [
@@ -289,7 +298,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for a spread)")
     p.add_argument("--starts", default="weak,plateau")
-    p.add_argument("--arms", default=",".join(ALL_ARMS), help=f"comma-separated, of {', '.join(ALL_ARMS)}")
+    p.add_argument("--arms", help=f"comma-separated, of {', '.join(ALL_ARMS)} and the --variant names (default: all)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="one more arm: NAME (lowercase letters, digits, '-') = training-field overrides of a SPIN arm, e.g. "
+        "'nll-b05={\"sftWeight\": 1, \"beta\": 0.5}'; a NAME starting with 'sft' is a continued-SFT arm whose JSON "
+        "may set its learningRate, e.g. 'sft-3e-4={\"learningRate\": 3e-4}'",
+    )
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--train", type=int, default=1000, help="SFT rows (SPIN generates for each)")
     p.add_argument("--heldout", type=int, default=200)
@@ -311,8 +329,21 @@ def main() -> None:
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.starts = args.starts.split(",")
-    args.arms = args.arms.split(",")
-    unknown = set(args.arms) - set(ALL_ARMS)
+    args.spin_arms, args.sft_arms = dict(ARMS), {"sft": {}}
+    for item in args.variant:
+        name, _, overrides = item.partition("=")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or name in ALL_ARMS:
+            p.error(f"--variant {item!r}: NAME must be new, lowercase letters, digits and '-'")
+        try:
+            fields = json.loads(overrides)
+        except ValueError as e:
+            p.error(f"--variant {item!r}: the JSON after '=' does not parse: {e}")
+        if not isinstance(fields, dict):
+            p.error(f"--variant {item!r}: the JSON after '=' must be an object")
+        (args.sft_arms if name.startswith("sft") else args.spin_arms)[name] = fields
+    known = [*args.sft_arms, *args.spin_arms]
+    args.arms = args.arms.split(",") if args.arms else known
+    unknown = set(args.arms) - set(known)
     if unknown or not set(args.starts) <= {"weak", "plateau"}:
         p.error(f"unknown arm/start: {sorted(unknown) or args.starts}")
     os.environ.update(environment())
@@ -325,14 +356,15 @@ def main() -> None:
         starts = prepare_seed(args, seed, data)
         for start in args.starts:
             cells = results.setdefault(str(seed), {}).setdefault(start, {})
-            for arm in [a for a in args.arms if a != "sft"] + (["sft"] if "sft" in args.arms else []):
+            spin_first = [a for a in args.arms if a in args.spin_arms] + [a for a in args.arms if a in args.sft_arms]
+            for arm in spin_first:
                 if arm in cells:
                     continue
                 t0 = time.monotonic()
-                if arm == "sft":
-                    spin_cells = [c for a, c in cells.items() if a != "sft"]
+                if arm in args.sft_arms:
+                    spin_cells = [c for c in cells.values() if "identical_share" in c]  # SPIN cells only
                     blocks = spin_cells[0]["steps"] if spin_cells else expected_blocks(args)
-                    cells[arm] = run_sft_arm(args, seed, start, data, starts[start], blocks)
+                    cells[arm] = run_sft_arm(args, seed, start, arm, data, starts[start], blocks)
                 else:
                     cells[arm] = run_spin_arm(args, seed, start, arm, data, starts[start])
                 results_file.write_text(json.dumps(results, indent=1))
