@@ -75,6 +75,13 @@ def prepare_seed(args: argparse.Namespace, seed: int, where: Path) -> dict[str, 
     if done.exists():
         return json.loads(done.read_text())
     where.mkdir(parents=True, exist_ok=True)
+    if args.starts_from is not None:  # another --out's data and starting models, reused as they are
+        source = args.starts_from / where.name
+        if not (source / "starts.json").exists():
+            raise SystemExit(f"--starts-from: {source / 'starts.json'} does not exist (run that --out first)")
+        for f in ("train.jsonl", "heldout.jsonl", "starts.json"):
+            shutil.copy(source / f, where / f)
+        return json.loads(done.read_text())
     heldout = demo.make_rows(args.heldout, seed + 1000, digits=args.digits)
     train = demo.make_rows(args.train, seed, exclude={r["messages"][0]["content"] for r in heldout}, digits=args.digits)
     demo.write_jsonl(where / "train.jsonl", train)
@@ -325,6 +332,11 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2, help="training processes of the SPIN runs (torchrun)")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="generation backend of the SPIN runs")
     p.add_argument("--seed-offset", type=int, default=0, help="generation seed")
+    p.add_argument(
+        "--starts-from",
+        type=Path,
+        help="reuse the data and starting models of this earlier --out (e.g. to run more iterations from them)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "weak_to_strong")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
