@@ -4,7 +4,7 @@
 
     DIR/train.jsonl      SFT data (messages format) the SpinRun trains on
     DIR/heldout.jsonl    held-out prompts for evaluation
-    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained just long enough to be weak (~40 % exact match)
+    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained just long enough to be weak (a few % exact match)
 
 The answers are checkable automatically (`score`), so "does SPIN make it stronger?" has a number.
 """
