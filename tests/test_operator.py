@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -726,6 +727,9 @@ async def test_liveness_probe_and_prometheus_metrics(kube: KubeAPI, operator_con
         assert 'spin_operator_children_created_total{step="generate"}' in text
         assert 'spin_operator_step_duration_seconds_count{step="train"}' in text
         assert "spin_operator_reaction_seconds_bucket" in text
+        # At least this run's train child was created in reaction to its generation Job's end (observed, not 0).
+        reacted = re.search(r"^spin_operator_reaction_seconds_count (\S+)$", text, flags=re.M)
+        assert reacted and float(reacted.group(1)) >= 1
     finally:
         await auto.close()
         await op.stop()
@@ -770,7 +774,6 @@ async def test_watch_events_that_only_echo_the_operators_own_writes_do_not_wake_
 
 
 def test_the_operations_guide_lists_exactly_the_metrics_the_operator_serves() -> None:
-    import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
