@@ -214,39 +214,46 @@ def _pod_spec(
     return pod
 
 
-def generation_job(
-    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+def _batch_job(
+    run: SpinRun,
+    owner_body: dict[str, Any],
+    iteration: int,
+    attempt: int,
+    config: Config,
+    suspend: bool,
+    step: Step,
+    container_name: str,
+    job_spec: dict[str, Any],
+    user_error_action: str,
 ) -> dict[str, Any]:
-    """The Indexed Job of one iteration's generation: pod i generates shard i (JOB_COMPLETION_INDEX)."""
+    """A batch/v1 Job running `spin <step>` for one iteration in the generator's image and placement. `job_spec`
+    holds its completions and retry fields; exit code 2 (a problem the user must fix: spec, data, scorer) takes
+    `user_error_action`, since retrying cannot help, and node disruptions are not counted as failures."""
     gen = run.spec.generation
-    labels = _labels(run, iteration, "generate", attempt)
+    labels = _labels(run, iteration, step, attempt)
     container = {
-        "name": GENERATE_CONTAINER,
+        "name": container_name,
         "image": gen.image or config.generator_image,
         "command": ["spin"],
-        "args": ["generate", "--spec", SPEC_PATH, "--iteration", str(iteration)],
+        "args": [step, "--spec", SPEC_PATH, "--iteration", str(iteration)],
         "resources": _resources(gen, config.generator_resources, gen.gpus_per_shard),
     }
     obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": child_name(run.metadata.name, iteration, "generate", attempt),
+            "name": child_name(run.metadata.name, iteration, step, attempt),
             "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
         },
         "spec": {
-            "completionMode": "Indexed",
-            "completions": gen.shards,
-            "parallelism": gen.shards,
-            "backoffLimitPerIndex": gen.backoff_limit_per_index,
+            **job_spec,
             "podFailurePolicy": {
                 "rules": [
-                    # Node drains, preemption, spot reclaims: not the shard's fault, not counted.
+                    # Node drains, preemption, spot reclaims: not the pod's fault, not counted.
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    # `spin generate` exits 2 on a problem the user must fix (spec, data): retrying cannot help.
                     {
-                        "action": "FailIndex",
-                        "onExitCodes": {"containerName": GENERATE_CONTAINER, "operator": "In", "values": [2]},
+                        "action": user_error_action,
+                        "onExitCodes": {"containerName": container_name, "operator": "In", "values": [2]},
                     },
                 ]
             },
@@ -259,6 +266,22 @@ def generation_job(
         },
     }
     return _adopt(obj, owner_body, labels)
+
+
+def generation_job(
+    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+) -> dict[str, Any]:
+    """The Indexed Job of one iteration's generation: pod i generates shard i (JOB_COMPLETION_INDEX)."""
+    gen = run.spec.generation
+    job_spec = {
+        "completionMode": "Indexed",
+        "completions": gen.shards,
+        "parallelism": gen.shards,
+        "backoffLimitPerIndex": gen.backoff_limit_per_index,
+    }
+    return _batch_job(
+        run, owner_body, iteration, attempt, config, suspend, "generate", GENERATE_CONTAINER, job_spec, "FailIndex"
+    )
 
 
 def training_job(
@@ -330,45 +353,10 @@ def evaluation_job(
 ) -> dict[str, Any]:
     """The Job that evaluates iteration t's model on the held-out prompts (one pod, the generator's image and
     placement: it runs the same engine). Its pod's termination message carries eval.json's numbers."""
-    gen = run.spec.generation
-    labels = _labels(run, iteration, "evaluate", attempt)
-    container = {
-        "name": EVALUATE_CONTAINER,
-        "image": gen.image or config.generator_image,
-        "command": ["spin"],
-        "args": ["evaluate", "--spec", SPEC_PATH, "--iteration", str(iteration)],
-        "resources": _resources(gen, config.generator_resources, gen.gpus_per_shard),
-    }
-    obj = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": child_name(run.metadata.name, iteration, "evaluate", attempt),
-            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
-        },
-        "spec": {
-            "completions": 1,
-            "parallelism": 1,
-            "backoffLimit": gen.backoff_limit_per_index,
-            "podFailurePolicy": {
-                "rules": [
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    # Exit 2 is a problem the user must fix (e.g. a scorer that raises): retrying cannot help.
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": EVALUATE_CONTAINER, "operator": "In", "values": [2]},
-                    },
-                ]
-            },
-            "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
-            "suspend": suspend,
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(run, gen, container, config, restart_policy="Never"),
-            },
-        },
-    }
-    return _adopt(obj, owner_body, labels)
+    job_spec = {"completions": 1, "parallelism": 1, "backoffLimit": run.spec.generation.backoff_limit_per_index}
+    return _batch_job(
+        run, owner_body, iteration, attempt, config, suspend, "evaluate", EVALUATE_CONTAINER, job_spec, "FailJob"
+    )
 
 
 BUILD = {"generate": generation_job, "train": training_job, "evaluate": evaluation_job}
