@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/weak_to_strong.py                       # every arm, both starts, 3 seeds
     .venv/bin/python benchmarks/weak_to_strong.py --seeds 0 --arms spin,sft --starts weak   # one quick cell
+    .venv/bin/python benchmarks/weak_to_strong.py --variant 'nll-b05={"sftWeight": 1, "beta": 0.5}'   # one more arm
+
+benchmarks/README.md has the measured tables and the commands behind each (a plateau with headroom: `--digits 3
+--hidden 64 --layers 1 --train 3000`; more iterations from the same starts: `--starts-from`).
 
 The task is the demo's (addition in chat format, two-digit addends unless `--digits`, exact-match scorer
 `spin_core.demo:score`). Per seed:
