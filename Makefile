@@ -15,12 +15,21 @@ export DS_ACCELERATOR ?= cpu
 
 venv: $(VENV_STAMP)
 
-# torch comes first from the CPU wheel on this kind of machine's disk (pip's find-links);
-# then everything pinned in requirements/lock.txt with --no-deps, so nothing resolves to a CUDA build.
+# Everything pinned in requirements/lock.txt, torch (PyPI's build, CUDA libraries included: it runs on a CPU) and
+# its dependencies too, installed with --no-deps: pip resolves nothing, so the venv is exactly the lock.
+# TORCH_INDEX_URL (optional, e.g. a CPU-only torch index where one is reachable) installs torch==2.13.0 from there
+# instead and skips the lock's CUDA packages (about 4 GB less).
+TORCH_INDEX_URL ?=
+CUDA_PINS := ^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==
 $(VENV_STAMP): requirements/lock.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels) torch==2.13.0
+ifeq ($(strip $(TORCH_INDEX_URL)),)
 	$(PY) -m pip install -q --no-deps -r requirements/lock.txt
+else
+	$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX_URL) torch==2.13.0
+	grep -v -E '$(CUDA_PINS)' requirements/lock.txt > .venv/lock-without-cuda.txt
+	$(PY) -m pip install -q --no-deps -r .venv/lock-without-cuda.txt
+endif
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
