@@ -2,7 +2,7 @@
 
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema. This module
 inlines `$ref`s, turns `Optional[X]` into plain `X`, rewrites numeric exclusive bounds, drops titles,
-and attaches the cross-field CEL rules (`x-kubernetes-validations`).
+spells out object defaults, and attaches the cross-field CEL rules (`x-kubernetes-validations`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,35 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+def _defaulted(node: dict[str, Any], value: Any) -> Any:
+    """`value` with the defaults of `node`'s properties filled in, recursively, as the API server defaults it."""
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for name, prop in node.get("properties", {}).items():
+        if name not in out and "default" in prop:
+            out[name] = copy.deepcopy(prop["default"])
+        if name in out:
+            out[name] = _defaulted(prop, out[name])
+    return out
+
+
+def _spell_out_defaults(node: Any) -> None:
+    """Replace each object default (e.g. `{}`) by the object it defaults to.
+
+    kube-apiserver validates every default when the CRD is created, CEL rules included, and does not apply the
+    nested defaults first: a rule reading `self.maxLength` fails on a `default: {}` with "no such key".
+    """
+    if isinstance(node, list):
+        for item in node:
+            _spell_out_defaults(item)
+    elif isinstance(node, dict):
+        for value in node.values():
+            _spell_out_defaults(value)
+        if isinstance(node.get("default"), dict):
+            node["default"] = _defaulted(node, node["default"])
+
+
 def _with_rules(schema: dict[str, Any], path: list[str], rules: list[dict[str, str]]) -> None:
     node = schema
     for part in path:
@@ -92,6 +121,7 @@ def spec_schema() -> dict[str, Any]:
     _with_rules(spec, ["training"], s.TRAINING_RULES)
     _with_rules(spec, ["evaluation"], s.EVALUATION_RULES)
     spec["x-kubernetes-validations"] = s.SPEC_RULES
+    _spell_out_defaults(spec)
     return {
         "type": "object",
         "description": s.SpinRun.__doc__ + " Self-Play Fine-Tuning (Chen et al., 2024) of a language model.",

@@ -239,7 +239,11 @@ def test_ranges_defaults_and_enums_are_in_the_schema():
     assert spec["training"]["properties"]["zeroStage"]["type"] == "integer"
     assert spec["training"]["properties"]["optimizer"]["enum"] == ["rmsprop", "adamw"]
     assert spec["dataset"]["properties"]["onBadRow"]["enum"] == ["fail", "skip"]
-    assert spec["generation"]["default"] == {} and spec["training"]["default"] == {}
+    # Object defaults are spelled out (the API server validates a default, CEL rules included, without applying
+    # the nested defaults first), and they are exactly what the models default to.
+    assert s.Generation.model_validate(spec["generation"]["default"]) == s.Generation()
+    assert s.Training.model_validate(spec["training"]["default"]) == s.Training()
+    assert set(spec["training"]["default"]) >= {"maxLength", "maxPromptLength", "globalBatchSize", "microBatchSize"}
     assert spec["schedule"]["x-kubernetes-list-type"] == "map"
     assert spec["schedule"]["maxItems"] == s.MAX_ITERATIONS
     secret = spec["storage"]["properties"]["credentialsSecret"]
