@@ -106,9 +106,17 @@ def _with_rules(schema: dict[str, Any], path: list[str], rules: list[dict[str, s
 NAME_RULES = [
     {
         "rule": f"size(self.metadata.name) <= {s.MAX_NAME_LENGTH}",
-        "message": f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters (children add suffixes)",
+        "message": (
+            f"metadata.name must be at most {s.MAX_NAME_LENGTH} characters: the names of the run's Jobs, "
+            "PyTorchJobs, Services and pods add suffixes and must stay within 63"
+        ),
         "fieldPath": ".metadata.name",
-    }
+    },
+    {
+        "rule": "self.metadata.name.matches('^[a-z]')",
+        "message": "metadata.name must start with a letter: it names the run's PyTorchJobs (DNS-1035 labels)",
+        "fieldPath": ".metadata.name",
+    },
 ]
 
 
@@ -138,10 +146,10 @@ def spec_schema() -> dict[str, Any]:
                 "properties": {
                     "name": {
                         "type": "string",
-                        "pattern": s.DNS1123_LABEL,
+                        "pattern": s.DNS1035_LABEL,
                         "description": (
-                            "Name of the run: a DNS-1123 label of at most "
-                            f"{s.MAX_NAME_LENGTH} characters (its Jobs and pods add suffixes)."
+                            "Name of the run: a DNS-1035 label (starting with a letter) of at most "
+                            f"{s.MAX_NAME_LENGTH} characters: its PyTorchJobs, Services and pods add suffixes."
                         ),
                     }
                 },

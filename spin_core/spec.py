@@ -24,12 +24,16 @@ KIND = "SpinRun"
 PLURAL = "spinruns"
 SHORT_NAME = "spin"
 
-# Children are named "<run>-i<t>-gen" / "<run>-i<t>-train"; Kubernetes adds pod suffixes. 40 leaves room.
-MAX_NAME_LENGTH = 40
 MAX_ITERATIONS = 100
+MAX_ATTEMPTS_SUFFIX = "-r9"
+"""A child's name ends with -r<k> at its k-th recreation; the operator allows at most 9 (spin_operator.config)."""
+# The longest name the Training Operator derives from a run's: the Service and pod of its last Worker,
+# "<run>-i100-train-r9-worker-1022", must be a DNS-1035 label (at most 63 characters).
+MAX_NAME_LENGTH = 63 - len(f"-i{MAX_ITERATIONS}-train{MAX_ATTEMPTS_SUFFIX}-worker-1022")
 INT64_MAX = 2**63 - 1
 SEED_MAX = 2**32 - 1  # numpy and vLLM take 32-bit seeds
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 STORE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+)$"
@@ -47,6 +51,10 @@ PATTERN_HINTS = {
     S3_URI: "must be s3://bucket/path (bucket: 3-63 lowercase letters, digits, '.' or '-')",
     DNS1123_LABEL: (
         "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit"
+    ),
+    DNS1035_LABEL: (
+        "must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with a "
+        "letter or digit (it names the run's PyTorchJobs and Services, which Kubernetes requires so)"
     ),
     DNS1123_SUBDOMAIN: (
         "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', every dot-separated part "
@@ -134,6 +142,13 @@ class Placement(Spec):
     """Node labels the pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Taints the pods tolerate."""
+    scratch_size: Quantity | None = None
+    """Size limit of each pod's /scratch volume (an emptyDir on the node's disk), where model downloads, caches and
+    per-rank training states go; also requested as ephemeral-storage so that pods land on nodes with room. Empty:
+    no limit (a 7B run needs tens of GiB per pod)."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    """Fail the step's Job or PyTorchJob when it has been active this long (e.g. pods stuck pending); the operator
+    then retries it like any failure. Empty: no deadline."""
 
 
 class ModelSource(Spec):
@@ -552,7 +567,7 @@ class ObjectMeta(BaseModel):
     """The parts of Kubernetes metadata SpinRun cares about; the API server's own fields pass through."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=DNS1123_LABEL)
+    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=DNS1035_LABEL)
     namespace: str | None = Field(default=None, max_length=63, pattern=DNS1123_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

@@ -274,7 +274,7 @@ def test_status_keeps_what_the_operator_writes():
 
 def test_cel_rules_compile():
     rules = [r["rule"] for _, node in nodes(spec_schema()) for r in node.get("x-kubernetes-validations", [])]
-    assert len(rules) == 6
+    assert len(rules) == 7
     for rule in rules:
         cel_program(rule)
 
@@ -347,7 +347,8 @@ BAD = {
         {"spec.schedule": [{"iteration": 3, "beta": 0.2}]},
         "spec.schedule: every schedule entry must name an iteration",
     ),
-    "name too long": ({"metadata.name": "a" * 41}, "metadata.name: metadata.name must be at most 40 characters"),
+    "name too long": ({"metadata.name": "a" * 38}, "metadata.name: metadata.name must be at most 37 characters"),
+    "name starting with a digit": ({"metadata.name": "7b-spin"}, "metadata.name: '7b-spin' does not match"),
     "evaluation with neither source": (
         {"spec.evaluation": {"scorer": "m:f"}},
         "spec.evaluation.heldoutFraction: set exactly one of",
@@ -399,7 +400,7 @@ def test_bad_objects_are_refused_by_pydantic_too(name):
 
 GOOD = {
     "schedule within iterations": {"spec.schedule": [{"iteration": 1, "beta": 0.5}, {"iteration": 2, "epochs": 3}]},
-    "name of 40 characters": {"metadata.name": "a" * 40},
+    "name of 37 characters": {"metadata.name": "a" * 37},
     "secret with dots": {"spec.storage.credentialsSecret": "s3.credentials-1"},
     "quantities": {"spec.training.resources": {"requests": {"cpu": 4, "memory": "16Gi"}, "limits": {"cpu": "500m"}}},
     "heldout fraction": {"spec.evaluation": {"heldoutFraction": 0.1, "metric": "rewards/margins"}},

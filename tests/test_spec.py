@@ -35,6 +35,7 @@ MUTATION = settings(PROPERTY, max_examples=max(EXAMPLES // 4, 5))  # per kind of
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
 NAMES = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", fullmatch=True)
+RUN_NAMES = st.from_regex(rf"[a-z]([-a-z0-9]{{0,{s.MAX_NAME_LENGTH - 2}}}[a-z0-9])?", fullmatch=True)
 BUCKETS = st.from_regex(r"[a-z0-9][a-z0-9.\-]{1,20}[a-z0-9]", fullmatch=True)
 KEYS = st.from_regex(r"[A-Za-z0-9_./\-]{1,30}", fullmatch=True)
 URIS = st.one_of(
@@ -226,7 +227,9 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
             evaluation=evaluations(),
         )
     )
-    metadata = {"name": draw(NAMES)} | draw(optional(namespace=NAMES, labels=st.dictionaries(NAMES, NAMES, max_size=2)))
+    metadata = {"name": draw(RUN_NAMES)} | draw(
+        optional(namespace=NAMES, labels=st.dictionaries(NAMES, NAMES, max_size=2))
+    )
     return {"apiVersion": s.API_VERSION, "kind": s.KIND, "metadata": metadata, "spec": spec}
 
 
@@ -280,7 +283,8 @@ OBJECTS = {
 BAD_NAMES = st.one_of(
     st.from_regex(r"[a-z0-9-]{0,10}[A-Z_.:/ ][a-z0-9-]{0,10}", fullmatch=True),
     st.from_regex(r"(?:-[a-z0-9-]{0,10}|[a-z0-9-]{0,10}-)", fullmatch=True),
-    st.from_regex(r"[a-z]{41,60}", fullmatch=True),
+    st.from_regex(rf"[a-z]{{{s.MAX_NAME_LENGTH + 1},60}}", fullmatch=True),
+    st.from_regex(r"[0-9][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True),  # PyTorchJob names must start with a letter
     st.just(""),
 )
 BAD_SECRETS = st.one_of(
@@ -571,8 +575,9 @@ def test_messages_name_the_field_and_what_is_allowed(changes, expected):
 
 def test_bad_metadata_messages():
     for name, expected in [
-        ("Run_1", "metadata.name: must be a DNS-1123 label"),
-        ("a" * 41, "metadata.name: must have at most 40 characters"),
+        ("Run_1", "metadata.name: must be a DNS-1035 label"),
+        ("7b-spin", "metadata.name: must be a DNS-1035 label: lowercase letters, digits and '-', starting with a"),
+        ("a" * 38, "metadata.name: must have at most 37 characters"),
     ]:
         with pytest.raises(SpecError) as refused:
             parse(MINIMAL | {"metadata": {"name": name}})

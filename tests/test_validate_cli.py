@@ -118,14 +118,15 @@ def test_several_files_one_bad(tmp_path):
         pytest.param(
             TINY.replace("  name: tiny", "  name: Tiny_Run"),
             [
-                "metadata.name: must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending "
-                "with a letter or digit (got 'Tiny_Run')"
+                "metadata.name: must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter "
+                "and ending with a letter or digit (it names the run's PyTorchJobs and Services, which Kubernetes "
+                "requires so) (got 'Tiny_Run')"
             ],
             id="bad-name",
         ),
         pytest.param(
-            TINY.replace("  name: tiny", "  name: " + "t" * 41),
-            [f"metadata.name: must have at most 40 characters (got '{'t' * 41}')"],
+            TINY.replace("  name: tiny", "  name: " + "t" * 38),
+            [f"metadata.name: must have at most 37 characters (got '{'t' * 38}')"],
             id="name-too-long",
         ),
         pytest.param(

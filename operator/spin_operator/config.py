@@ -11,8 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from spin_core.spec import MAX_ATTEMPTS_SUFFIX
+
 DEFAULT_GENERATOR_IMAGE = "ghcr.io/spin-selfplay/spin-generator:0.1.0"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/spin-selfplay/spin-trainer:0.1.0"
+MAX_RETRIES = int(MAX_ATTEMPTS_SUFFIX.removeprefix("-r"))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -64,6 +67,11 @@ class Config:
     job_service_account: str | None = None
     """ServiceAccount of the generation/training pods; empty: the namespace's default ($SPIN_JOB_SERVICE_ACCOUNT).
     Their API token is never mounted: the pods talk to S3, not to Kubernetes."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_retries <= MAX_RETRIES:
+            # Child names end with -r<k>; spin_core.spec.MAX_NAME_LENGTH leaves room for one digit.
+            raise ValueError(f"$SPIN_CHILD_RETRIES must be between 0 and {MAX_RETRIES}, got {self.max_retries}")
 
     @classmethod
     def from_env(cls) -> Config:
