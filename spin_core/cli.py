@@ -68,10 +68,13 @@ IterationOption = Annotated[int, typer.Option("--iteration", "-t", min=1, help="
 def _run_job(fn, *args) -> None:
     """Run a job's library entry point; user-facing errors become one line and exit code 2."""
     from spin_core.errors import SpinError
+    from spin_core.termination import write_termination_message
 
     try:
         code = fn(*args)
     except SpinError as e:
+        # In a pod, the operator reads this (the container's exit code is torchrun's own, 1, in a PyTorchJob).
+        write_termination_message({"error": "input", "message": str(e)})
         fail(str(e), 2)
     except KeyboardInterrupt:
         fail("interrupted; nothing was published", 130)
@@ -193,6 +196,13 @@ def operator_command(
         str | None, typer.Option("--peering", help="Coordinate with other operator replicas via this kopf peering.")
     ] = None,
     standalone: Annotated[bool, typer.Option("--standalone", help="No peering: the only replica (default).")] = False,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            "--priority",
+            help="Peering priority (the highest serves; must differ between replicas). Default: start time in ms.",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option("--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -212,4 +222,5 @@ def operator_command(
         peering=peering,
         metrics_port=metrics_port,
         verbose=verbose,
+        priority=priority,
     )

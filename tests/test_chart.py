@@ -608,3 +608,24 @@ def test_rbac_grants_exactly_what_the_operator_requests(helm_bin):
     union = role | observer
     assert not needed - union, f"namespaced mode lacks:\n{_describe(needed - union)}"
     assert not union - needed - ADMISSION_ONLY - NAMESPACE_SCAN, _describe(union - needed - ADMISSION_ONLY)
+
+
+def test_the_operations_guide_lists_exactly_the_rbac_the_chart_grants(helm_bin):
+    """docs/operations.md's RBAC table (resource -> verbs) says what the chart grants in its modes: cluster-wide,
+    namespaced (plus kopf's namespace scan) and HA (plus peering)."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text[text.index("### What the operator may do (RBAC)") :].split("\n\n")[2]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        resources, verbs = row.split("|")[1:3]
+        for resource in re.findall(r"`([a-z/]+)`", resources):
+            documented |= {(resource, verb.strip()) for verb in verbs.split(",")}
+    granted = set()
+    for scenario in ("default", "namespaced", "ha", "ha-namespaced"):
+        for role in render(helm_bin, *SCENARIOS[scenario]):
+            if role["kind"] in RBAC_KINDS:
+                granted |= {(resource, verb) for _, resource, verb in grants(role)}
+    assert documented == granted, (
+        f"docs/operations.md's RBAC table differs from the chart.\ndocumented, not granted: "
+        f"{sorted(documented - granted)}\ngranted, not documented: {sorted(granted - documented)}"
+    )

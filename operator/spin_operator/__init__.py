@@ -25,8 +25,15 @@ def run(
     peering: str | None = None,
     metrics_port: int | None = None,
     verbose: bool = False,
+    priority: int | None = None,
 ) -> None:
-    """Run the operator until SIGTERM/SIGINT: standalone unless a kopf peering name is given."""
+    """Run the operator until SIGTERM/SIGINT: standalone unless a kopf peering name is given.
+
+    With peering, the replica with the highest priority serves and the others stand by. kopf pauses *every*
+    replica while two share a priority, so each takes a distinct one: by default its start time in milliseconds,
+    which also hands over to the newest pod in a rolling update."""
+    import time
+
     import kopf
 
     from spin_operator import handlers  # noqa: F401  (registers the handlers)
@@ -40,5 +47,6 @@ def run(
         liveness_endpoint=liveness or None,
         standalone=peering is None,
         peering_name=peering,
+        priority=(priority if priority is not None else time.time_ns() // 1_000_000) if peering else 0,
         memo=memo,
     )

@@ -33,6 +33,10 @@ ITERATION_LABEL = "selfplay.dev/iteration"
 STEP_LABEL = "selfplay.dev/step"
 ATTEMPT_LABEL = "selfplay.dev/attempt"
 SPEC_HASH_ANNOTATION = "selfplay.dev/spec-hash"
+SUSPENDED_BY_ANNOTATION = "selfplay.dev/suspended-by"
+"""Set on a child the operator suspended (spec.suspend): it resumes only those, never one that another controller
+(Kueue, waiting for admission) holds."""
+OPERATOR = "spin-operator"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "spin-operator", "app.kubernetes.io/part-of": "spin"}
 
 SPEC_DIR = "/etc/spin"
@@ -42,6 +46,7 @@ GENERATE_CONTAINER = "generate"
 TRAIN_CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 EVALUATE_CONTAINER = "evaluate"
 GPU = "nvidia.com/gpu"
+EPHEMERAL_STORAGE = "ephemeral-storage"
 
 KIND_OF: dict[str, Kind] = {"generate": JOBS, "train": PYTORCHJOBS, "evaluate": JOBS}
 SHORT = {"generate": "gen", "train": "train", "evaluate": "eval"}
@@ -111,10 +116,23 @@ def _labels(run: SpinRun, iteration: int | None = None, step: Step | None = None
     return labels
 
 
+NOT_PROPAGATED = ("kueue.x-k8s.io/",)
+"""Label prefixes of the SpinRun that its children do not inherit: they steer other controllers (a Kueue queue name
+on a child makes Kueue hold it), which the SpinRun's own fields decide."""
+
+
+def propagated_labels(owner_body: dict[str, Any]) -> dict[str, str]:
+    """The SpinRun's labels its children carry too (team, cost centre...), minus the NOT_PROPAGATED prefixes."""
+    labels = (owner_body.get("metadata") or {}).get("labels") or {}
+    return {k: v for k, v in labels.items() if not k.startswith(NOT_PROPAGATED)}
+
+
 def _adopt(obj: dict[str, Any], owner_body: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
-    """Owner reference (controller), namespace and the run's labels; ours win over the owner's copied labels."""
-    kopf.adopt(obj, owner=owner(owner_body))
-    obj["metadata"].setdefault("labels", {}).update(labels)
+    """Owner reference (controller), namespace and the run's propagated labels; ours win over the owner's."""
+    parent = owner(owner_body)
+    kopf.append_owner_reference(obj, owner=parent)
+    kopf.adjust_namespace(obj, namespace=parent["metadata"].get("namespace"))
+    obj["metadata"]["labels"] = {**propagated_labels(owner_body), **obj["metadata"].get("labels", {}), **labels}
     return obj
 
 
@@ -132,11 +150,14 @@ def configmap(run: SpinRun, owner_body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resources(placement: Placement, default: dict[str, Any], gpus: int) -> dict[str, Any]:
-    """The spec's requests/limits (or the operator's default when the spec sets none), GPUs from the GPU field."""
+    """The spec's requests/limits (or the operator's default when the spec sets none), GPUs from the GPU field,
+    ephemeral-storage from the scratch size (unless requested explicitly)."""
     spec_resources = placement.resources.model_dump(mode="json")
     chosen = spec_resources if (spec_resources["requests"] or spec_resources["limits"]) else copy.deepcopy(default)
     requests = {k: str(v) for k, v in (chosen.get("requests") or {}).items() if k != GPU}
     limits = {k: str(v) for k, v in (chosen.get("limits") or {}).items() if k != GPU}
+    if placement.scratch_size:
+        requests.setdefault(EPHEMERAL_STORAGE, str(placement.scratch_size))
     if gpus > 0:
         limits[GPU] = str(gpus)
         requests[GPU] = str(gpus)
@@ -148,9 +169,23 @@ def _resources(placement: Placement, default: dict[str, Any], gpus: int) -> dict
     return out
 
 
+SCRATCH = "/scratch"
+SCRATCH_ENV = {
+    # Everything big or written at run time goes to the scratch volume, not to the container's root filesystem.
+    "TMPDIR": SCRATCH,
+    "SPIN_CACHE_DIR": f"{SCRATCH}/spin",
+    "HF_HOME": f"{SCRATCH}/huggingface",
+    "XDG_CACHE_HOME": f"{SCRATCH}/cache",
+    "TORCH_EXTENSIONS_DIR": f"{SCRATCH}/torch_extensions",
+    "TRITON_CACHE_DIR": f"{SCRATCH}/triton",
+    "VLLM_CACHE_ROOT": f"{SCRATCH}/vllm",
+}
+
+
 def _env(run: SpinRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     storage = run.spec.storage
     env: list[dict[str, Any]] = [{"name": "SPIN_RUN", "value": run.metadata.name}]
+    env += [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
@@ -163,6 +198,10 @@ def _env(run: SpinRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+# The Training Operator adds an init container (`init-pytorch`: alpine, root, no securityContext) to every Worker
+# pod, which a pod-level runAsNonRoot would stop with CreateContainerConfigError: training pods state it per
+# container instead (ours), and keep the pod-level seccomp profile.
+TRAINING_POD_SECURITY = {"seccompProfile": {"type": "RuntimeDefault"}}
 CONTAINER_SECURITY = {
     "runAsNonRoot": True,
     "allowPrivilegeEscalation": False,
@@ -172,9 +211,20 @@ CONTAINER_SECURITY = {
 }
 
 
+def _scratch(placement: Placement) -> dict[str, Any]:
+    return {"sizeLimit": str(placement.scratch_size)} if placement.scratch_size else {}
+
+
 def _pod_spec(
-    run: SpinRun, placement: Placement, container: dict[str, Any], config: Config, restart_policy: str
+    run: SpinRun,
+    placement: Placement,
+    container: dict[str, Any],
+    config: Config,
+    restart_policy: str | None,
+    pod_security: dict[str, Any] = POD_SECURITY,
 ) -> dict[str, Any]:
+    """The pod template of a step. `restart_policy` None leaves it to the Training Operator (which sets it from the
+    replica's policy, and warns with an Event per pod when the template sets one)."""
     env, env_from = _env(run)
     container = {
         **container,
@@ -182,6 +232,7 @@ def _pod_spec(
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": SCRATCH},
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
@@ -189,9 +240,8 @@ def _pod_spec(
     if env_from:
         container["envFrom"] = env_from
     pod: dict[str, Any] = {
-        "restartPolicy": restart_policy,
         "automountServiceAccountToken": False,
-        "securityContext": copy.deepcopy(POD_SECURITY),
+        "securityContext": copy.deepcopy(pod_security),
         "containers": [container],
         "volumes": [
             {
@@ -203,8 +253,11 @@ def _pod_spec(
             },
             # NCCL and vLLM need far more shared memory than the container runtime's 64 MiB default.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "scratch", "emptyDir": _scratch(placement)},
         ],
     }
+    if restart_policy is not None:
+        pod["restartPolicy"] = restart_policy
     if config.job_service_account:
         pod["serviceAccountName"] = config.job_service_account
     if placement.node_selector:
@@ -259,6 +312,7 @@ def _batch_job(
             },
             "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
             "suspend": suspend,
+            **({"activeDeadlineSeconds": gen.active_deadline_seconds} if gen.active_deadline_seconds else {}),
             "template": {
                 "metadata": {"labels": dict(labels)},
                 "spec": _pod_spec(run, gen, container, config, restart_policy="Never"),
@@ -315,10 +369,15 @@ def training_job(
     def replica(replicas: int) -> dict[str, Any]:
         return {
             "replicas": replicas,
-            "restartPolicy": "OnFailure",
+            # ExitCode: a pod killed by a signal (exit code >= 128: preemption, node loss, OOM) is recreated in
+            # place and the run resumes from its last train state; exit codes 1-127 (1: a failed step, 2: bad
+            # input) fail the job at once, and the operator decides (a new attempt, or no retry for bad input).
+            "restartPolicy": "ExitCode",
             "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(run, train, container, config, restart_policy="OnFailure"),
+                "spec": _pod_spec(
+                    run, train, container, config, restart_policy=None, pod_security=TRAINING_POD_SECURITY
+                ),
             },
         }
 
@@ -341,6 +400,7 @@ def training_job(
                 "cleanPodPolicy": "Running",
                 "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
                 "suspend": suspend,
+                **({"activeDeadlineSeconds": train.active_deadline_seconds} if train.active_deadline_seconds else {}),
             },
             "pytorchReplicaSpecs": replicas,
         },
@@ -363,7 +423,6 @@ BUILD = {"generate": generation_job, "train": training_job, "evaluate": evaluati
 
 
 def suspend_patch(step: Step, suspend: bool) -> dict[str, Any]:
-    """The merge patch that suspends (True) or resumes (False) a child."""
-    if KIND_OF[step] is JOBS:
-        return {"spec": {"suspend": suspend}}
-    return {"spec": {"runPolicy": {"suspend": suspend}}}
+    """The merge patch that suspends (True) or resumes (False) a child, marking it as suspended by the operator."""
+    spec = {"suspend": suspend} if KIND_OF[step] is JOBS else {"runPolicy": {"suspend": suspend}}
+    return {"metadata": {"annotations": {SUSPENDED_BY_ANNOTATION: OPERATOR if suspend else None}}, "spec": spec}

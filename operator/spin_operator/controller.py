@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from spin_operator import changes, children, metrics
 from spin_operator import status as st_
 from spin_operator.config import Config
 from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, ApiError, Kube
-from spin_operator.observe import Child, children_of, termination_summary
+from spin_operator.observe import Child, children_of, input_error, pod_problem, pods_of, termination_summary
 
 logger = logging.getLogger("spin_operator")
 
@@ -41,7 +42,7 @@ STEP_WORD = {"generate": "generation", "train": "training", "evaluate": "evaluat
 WHAT = {"generate": "Job", "train": "PyTorchJob", "evaluate": "Job"}
 JOB_FIELD = {"generate": "generationJob", "train": "trainingJob", "evaluate": "evaluationJob"}
 FAILURE_REASON = {"generate": "GenerationFailed", "train": "TrainingFailed", "evaluate": "EvaluationFailed"}
-CHILD_FAILURE_REASONS = tuple(FAILURE_REASON.values())
+CHILD_FAILURE_REASONS = (*FAILURE_REASON.values(), "InvalidInput")
 
 
 class Blocked(Exception):
@@ -65,7 +66,11 @@ class RunState:
     created: dict[str, dict[str, Any]] = field(default_factory=dict)
     suspend_sent: dict[str, bool] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
-    failure_notes: dict[str, str] = field(default_factory=dict)
+    failure_notes: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    pod_problems: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """What each stuck pod of the run waits for, as last seen (see observe.pod_problem)."""
+    stuck: tuple[str, str] | None = None
+    """The current child's stuck pod, found by this reconciliation: (reason, message) for the Degraded condition."""
     reported: set[str] = field(default_factory=set)
     error_backoff: float = 0.0
     seen: tuple[Any, ...] | None = None
@@ -138,6 +143,7 @@ class Controller:
         self.spinruns: Mapping[Key, Any] = {}
         self.jobs: Mapping[Key, Any] = {}
         self.pytorchjobs: Mapping[Key, Any] = {}
+        self.pods: Mapping[Key, Any] = {}
         self._context: contextvars.Context | None = None
         self._dirty: set[Key] = set()
         self._woken: dict[Key, float] = {}
@@ -149,9 +155,16 @@ class Controller:
         """Some run's phase changed (or a run appeared) since the runs-by-phase gauge was last set."""
 
     # -- wiring -------------------------------------------------------------------------------------------------
-    def bind(self, spinruns: Mapping[Key, Any], jobs: Mapping[Key, Any], pytorchjobs: Mapping[Key, Any]) -> None:
+    def bind(
+        self,
+        spinruns: Mapping[Key, Any],
+        jobs: Mapping[Key, Any],
+        pytorchjobs: Mapping[Key, Any],
+        pods: Mapping[Key, Any] | None = None,
+    ) -> None:
         """Take kopf's live indexes, and the handler context kopf's event posting needs, from a handler call."""
         self.spinruns, self.jobs, self.pytorchjobs = spinruns, jobs, pytorchjobs
+        self.pods = pods if pods is not None else {}
         if self._context is None:
             self._context = contextvars.copy_context()
 
@@ -214,6 +227,21 @@ class Controller:
                 and _raw(body.get("status") or {}) == (created.get("status") or {})
             ):
                 return
+        self.wake(key)
+
+    def pod_changed(self, key: Key, body: Mapping[str, Any]) -> None:
+        """A watch event of a child's pod: wake the run only when what the pod is stuck on (or that it is stuck)
+        changed; pods report progress often, and the children's own events carry everything else."""
+        state = self.states.get(key)
+        name = (body.get("metadata") or {}).get("name", "")
+        problem = pod_problem(body)
+        if state is not None:
+            if state.pod_problems.get(name) == problem:
+                return
+            if problem is None:
+                state.pod_problems.pop(name, None)
+            else:
+                state.pod_problems[name] = problem
         self.wake(key)
 
     def wake_later(self, key: Key, delay: float) -> None:
@@ -307,6 +335,7 @@ class Controller:
         if state.seen != _fingerprint(body):
             state.seen = _fingerprint(body, copy=True)
         status = state.status
+        state.stuck = None
         conditions = status.setdefault("conditions", [])
         generation = meta.get("generation")
         if generation is not None:
@@ -452,7 +481,14 @@ class Controller:
             existing = await self.kube.get(CONFIGMAPS, namespace, obj["metadata"]["name"])
             same = (existing.get("data") or {}).get(children.SPEC_FILE) == obj["data"][children.SPEC_FILE]
             owners = [r.get("uid") for r in existing.get("metadata", {}).get("ownerReferences") or []]
-            if same and state.uid in owners:
+            if state.uid not in owners:
+                # Never take over an object this run did not create: it may be someone's (and would be garbage
+                # collected with the run), or a same-named predecessor's, which the garbage collector removes.
+                raise Blocked(
+                    f"ConfigMap {obj['metadata']['name']} exists and does not belong to this SpinRun (owners: "
+                    f"{owners or 'none'}): delete or rename it; the run starts once the name is free"
+                )
+            if same:
                 state.configmap_hash, state.configmap_run = want, run
                 return
         await self.kube.patch(
@@ -512,6 +548,10 @@ class Controller:
             rec["evaluationJob"] = child.name
         else:
             rec["trainingJob"] = child.name
+            if child.restarted_at and child.restarted_at != rec.get("trainingRestartedAt") and child.active:
+                # Its pods were recreated in place (a rank killed by a signal: preemption, node loss, OOM).
+                rec["trainingRestartedAt"] = child.restarted_at
+                rec["trainingRestarts"] = rec.get("trainingRestarts", 0) + 1
             if child.phase == "Succeeded" and rec.get("phase") != "Succeeded":
                 rec["phase"] = "Succeeded"
                 rec["finishedAt"] = child.finished_at or st_.now()
@@ -591,6 +631,16 @@ class Controller:
             return
 
         if child is not None and child.active and child.suspended:
+            if not child.suspended_by_operator:
+                # Held by another controller (Kueue: until the workload is admitted): never resumed here.
+                self._set_phase(
+                    state,
+                    owner,
+                    phase,
+                    f"iteration {t}/{n}: {word} waiting for admission ({what} {child.name} is held suspended by "
+                    "another controller, e.g. a Kueue queue)",
+                )
+                return
             await self._suspend(state, body, child, False)
 
         if child is None:
@@ -600,6 +650,17 @@ class Controller:
             self._set_phase(state, owner, phase, f"iteration {t}/{n}: {word} ({what} {child_name} created)")
             return
 
+        restarts = rec.get("trainingRestarts", 0) if kind == "train" else 0
+        if child.active and restarts > run.spec.training.backoff_limit:
+            # restartPolicy ExitCode restarts signal-killed pods without a limit of its own: a crash that repeats
+            # (an OOM kill) would loop forever. Past training.backoffLimit it counts as a failed attempt.
+            child = dataclasses.replace(
+                child,
+                phase="Failed",
+                finished_at=child.restarted_at,
+                message=f"its pods restarted {restarts} times (killed by a signal, exit code >= 128: preemption, "
+                f"node loss or out of memory), more than training.backoffLimit {run.spec.training.backoff_limit}",
+            )
         if child.phase == "Failed":
             await self._failed_child(key, state, run, body, child, current)
             return
@@ -608,6 +669,10 @@ class Controller:
             detail = f"{rec.get('shardsDone', 0)}/{rec['shards']} shards generated"
         else:
             detail = child.message or child.phase.lower()
+        stuck = [p for p in map(pod_problem, pods_of(child, self.pods.get(key, ()) or ())) if p is not None]
+        if stuck:
+            state.stuck = min(stuck)  # the same one on every pass
+            detail = f"{detail}; {state.stuck[0]}: {state.stuck[1]}"
         self._set_phase(state, owner, phase, f"iteration {t}/{n}: {word} ({what} {child.name}: {detail})")
 
     async def _suspend(self, state: RunState, body: dict[str, Any], child: Child, suspend: bool) -> None:
@@ -664,6 +729,8 @@ class Controller:
         rec[JOB_FIELD[step]] = name
         if step == "train":
             rec.setdefault("trainingStartedAt", st_.now())
+            rec.pop("trainingRestarts", None)  # counted per attempt
+            rec.pop("trainingRestartedAt", None)
 
     async def _adopt(
         self, state: RunState, kind: Any, namespace: str, name: str, obj: dict[str, Any]
@@ -710,19 +777,23 @@ class Controller:
         t, step = child.iteration, child.step
         rec = st_.record(state.status, t)
         what = WHAT[step]
-        note = await self._failure_note(state, namespace, child)
+        note, bad_input = await self._failure_note(state, namespace, child)
         reason = f"{what} {child.name} failed: {child.message}" + (f"; {note}" if note else "")
         retries = rec.get(f"{step}Retries", 0)
         n = run.spec.iterations
         if f"failed:{child.name}" not in state.reported:
             state.reported.add(f"failed:{child.name}")
             kopf.warn(owner, reason="ChildFailed", message=reason)
-        if retries >= self.config.max_retries:
-            message = f"{reason} (no retries left: {retries} of {self.config.max_retries} used)"
+        if bad_input or retries >= self.config.max_retries:
+            if bad_input:  # exit code 2: the same input fails the same way, so a retry only wastes GPUs
+                message, failure = f"{reason} (bad input: not retried; fix it and create the run again)", "InvalidInput"
+            else:
+                message = f"{reason} (no retries left: {retries} of {self.config.max_retries} used)"
+                failure = FAILURE_REASON[step]
             if step != "evaluate":  # an evaluation failure leaves the trained model's record as it is
                 rec["phase"] = "Failed"
             rec["message"] = message
-            self._set_phase(state, owner, "Failed", message, failure=(FAILURE_REASON[step], message), warn=True)
+            self._set_phase(state, owner, "Failed", message, failure=(failure, message), warn=True)
             return
         delay = self.config.backoff(retries)
         waited = st_.seconds_since(child.finished_at)
@@ -759,11 +830,12 @@ class Controller:
             f"iteration {t}/{n}: {STEP_WORD[step]} retry {retries + 1} ({what} {new_name}) after: {reason}",
         )
 
-    async def _failure_note(self, state: RunState, namespace: str, child: Child) -> str:
-        """The failed pod's own words (termination message, or its log tail via FallbackToLogsOnError), once."""
+    async def _failure_note(self, state: RunState, namespace: str, child: Child) -> tuple[str, bool]:
+        """The failed pod's own words (termination message, or its log tail via FallbackToLogsOnError), and whether
+        it failed on bad input (see observe.input_error); read once per child."""
         if child.name in state.failure_notes:
             return state.failure_notes[child.name]
-        note = ""
+        note, bad_input = "", False
         try:
             if child.step == "train":
                 pods = [await self._master_pod(namespace, child.name)]
@@ -774,14 +846,14 @@ class Controller:
             for pod in pods:
                 if pod is None:
                     continue
+                bad_input = bad_input or input_error(pod, container)
                 _, _, message = termination_summary(pod, container)
-                if message:
+                if message and not note:
                     note = f"pod {pod.get('metadata', {}).get('name')}: {message[-300:]}"
-                    break
         except ApiError as e:
             logger.debug("no failure details for %s: %s", child.name, e)
-        state.failure_notes[child.name] = note
-        return note
+        state.failure_notes[child.name] = (note, bad_input)
+        return note, bad_input
 
     async def _master_pod(self, namespace: str, job: str) -> dict[str, Any] | None:
         try:
@@ -894,7 +966,9 @@ class Controller:
         current = st_.find_record(status, status.get("iteration") or 0) or {}
         retried = sum(current.get(f"{k}Retries", 0) for k in STEP_WORD)
         degraded = phase in ("Generating", "Training", "Evaluating", "Suspended") and bool(current.get("message"))
-        if degraded:
+        if state.stuck and phase in ("Generating", "Training", "Evaluating"):
+            st_.set_condition(conds, "Degraded", True, state.stuck[0], state.stuck[1], gen)
+        elif degraded:
             st_.set_condition(conds, "Degraded", True, "ChildFailed", current["message"], gen)
         elif retried and phase != "Succeeded" and phase != "Failed":
             st_.set_condition(
@@ -912,6 +986,7 @@ class Controller:
             metrics.set_phases(s.status.get("phase") for s in self.states.values())
 
     async def _write(self, key: Key, state: RunState) -> None:
+        st_.drop_non_finite(state.status)
         patch = st_.merge_patch(state.written, state.status)
         if not patch:
             return

@@ -11,7 +11,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spin_operator.children import ATTEMPT_LABEL, ITERATION_LABEL, STEP_LABEL, Step
+from spin_operator.children import (
+    ATTEMPT_LABEL,
+    ITERATION_LABEL,
+    OPERATOR,
+    STEP_LABEL,
+    SUSPENDED_BY_ANNOTATION,
+    Step,
+)
 
 ChildPhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 TERMINAL = ("Succeeded", "Failed")
@@ -28,12 +35,16 @@ class Child:
     phase: ChildPhase
     suspended: bool = False
     """What the child's spec asks for (spec.suspend / runPolicy.suspend), not whether it has stopped yet."""
+    suspended_by_operator: bool = False
+    """The operator suspended it (spec.suspend); otherwise a suspended child is held by another controller (Kueue)."""
     completed: frozenset[int] = frozenset()
     """Indexes (shards) that finished (generation Jobs)."""
     message: str = ""
     """Why it failed, or what it is waiting for."""
     finished_at: str | None = None
     started_at: str | None = None
+    restarted_at: str | None = None
+    """PyTorchJobs: when its pods last restarted in place (the Restarting condition's transition time)."""
     deleting: bool = False
     owner_uids: tuple[str, ...] = ()
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -87,6 +98,7 @@ def _identity(body: Mapping[str, Any], step: Step) -> dict[str, Any]:
         "iteration": int(labels.get(ITERATION_LABEL, 0) or 0),
         "attempt": int(labels.get(ATTEMPT_LABEL, 0) or 0),
         "deleting": bool(meta.get("deletionTimestamp")),
+        "suspended_by_operator": (meta.get("annotations") or {}).get(SUSPENDED_BY_ANNOTATION) == OPERATOR,
         "owner_uids": tuple(str(r.get("uid")) for r in meta.get("ownerReferences") or [] if r.get("uid")),
         "body": body,
     }
@@ -161,10 +173,14 @@ def pytorchjob_child(body: Mapping[str, Any]) -> Child:
     if "Suspended" in conds:
         return Child(**_identity(body, "train"), phase="Suspended", suspended=suspended)
     if "Running" in conds or "Restarting" in conds:
-        cond = conds.get("Restarting") or conds["Running"]
-        message = _describe(cond) if "Restarting" in conds else ""
+        restarting = conds.get("Restarting")
         return Child(
-            **_identity(body, "train"), phase="Running", suspended=suspended, message=message, started_at=started
+            **_identity(body, "train"),
+            phase="Running",
+            suspended=suspended,
+            message=_describe(restarting) if restarting else "",
+            started_at=started,
+            restarted_at=restarting.get("lastTransitionTime") if restarting else None,
         )
     return Child(**_identity(body, "train"), phase="Pending", suspended=suspended, started_at=started)
 
@@ -185,23 +201,86 @@ def children_of(
     return [c for c in out if c.iteration >= 1 and (not c.owner_uids or uid is None or uid in c.owner_uids)]
 
 
+STUCK_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+        "CrashLoopBackOff",
+    }
+)
+"""Container waiting reasons that do not clear up by themselves: the kubelet keeps retrying, the Job counts the
+pod as active, and nothing else tells the user."""
+
+
+def pod_problem(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a pod of a running child makes no progress, as (reason, message): a container stuck waiting (image pull,
+    config error, crash loop) or the scheduler unable to place it. None while it is fine or still starting."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    name = meta.get("name", "")
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for container in status.get(key) or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_REASONS:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                return waiting["reason"], f"pod {name}, container {container.get('name')}{detail}"
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
+            detail = f": {cond['message']}" if cond.get("message") else ""
+            return str(cond["reason"]), f"pod {name} cannot be scheduled{detail}"
+    return None
+
+
+def pods_of(child: Child, pods: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The child's pods, by the labels its pod template carries (run, iteration, step, attempt)."""
+    want = {ITERATION_LABEL: str(child.iteration), STEP_LABEL: child.step, ATTEMPT_LABEL: str(child.attempt)}
+    return [p for p in pods if want.items() <= (((p.get("metadata") or {}).get("labels") or {}).items())]
+
+
+def _terminated(pod: Mapping[str, Any], container: str) -> list[Mapping[str, Any]]:
+    """The container's terminated states (current, then last), newest first."""
+    out = []
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == container:
+            for key in ("state", "lastState"):
+                terminated = (status.get(key) or {}).get("terminated")
+                if terminated:
+                    out.append(terminated)
+    return out
+
+
+INPUT_ERROR_EXIT_CODE = 2
+"""What `spin generate/train/evaluate` exit with on a problem the user must fix (spec, data, model, scorer)."""
+
+
+def input_error(pod: Mapping[str, Any], container: str) -> bool:
+    """Whether the container stopped on bad input: exit code 2, or (under torchrun, which exits 1 whatever its ranks
+    did) the job's termination message {"error": "input", ...}. Retrying cannot help such a failure."""
+    for terminated in _terminated(pod, container):
+        if terminated.get("exitCode") == INPUT_ERROR_EXIT_CODE:
+            return True
+        lines = str(terminated.get("message") or "").strip().splitlines()
+        try:
+            data = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("error") == "input":
+            return True
+    return False
+
+
 def termination_summary(pod: Mapping[str, Any], container: str) -> tuple[dict[str, float], str | None, str]:
     """The trainer's one-line JSON summary from the Master pod's terminated state.
 
     Returns (metrics, checkpoint URI or None, raw message). Accepts {"metrics": {...}, "checkpoint": "..."} or a
     flat object whose numeric values are metrics; a non-JSON message (logs, via FallbackToLogsOnError) is kept raw.
     """
-    message = ""
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") != container:
-            continue
-        for key in ("state", "lastState"):
-            terminated = (status.get(key) or {}).get("terminated") or {}
-            if terminated.get("message"):
-                message = str(terminated["message"])
-                break
-        if message:
-            break
+    message = next((str(t["message"]) for t in _terminated(pod, container) if t.get("message")), "")
     if not message:
         return {}, None, ""
     lines = [line for line in message.strip().splitlines() if line.strip()]

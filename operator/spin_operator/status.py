@@ -7,6 +7,7 @@ trainer's summaries. A restarted operator reads it back (with the children) and 
 from __future__ import annotations
 
 import copy
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,3 +106,18 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         elif value != before or key not in old:
             patch[key] = clone(value)
     return patch
+
+
+def drop_non_finite(value: Any) -> None:
+    """Remove every NaN and infinity from JSON-like data, in place: the API server rejects a patch holding one (and
+    every later patch with it: the status would never be written again). A metric that became NaN disappears from
+    the status; the trainer's summary line keeps its text."""
+    items = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
+    bad = [k for k, v in items if type(v) is float and not math.isfinite(v)]
+    for k in reversed(bad):
+        if type(value) is dict:
+            del value[k]
+        else:
+            value[k] = None
+    for v in value.values() if type(value) is dict else value if type(value) is list else ():
+        drop_non_finite(v)

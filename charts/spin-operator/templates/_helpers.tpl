@@ -105,7 +105,7 @@ No Secret access: the pods name spec.storage.credentialsSecret, the kubelet read
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
