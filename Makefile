@@ -60,6 +60,7 @@ lint: $(VENV_STAMP)
 crd: $(VENV_STAMP)
 	.venv/bin/spin crd -o manifests/crd/spinruns.selfplay.dev.yaml
 	cp manifests/crd/spinruns.selfplay.dev.yaml charts/spin-operator/crds/spinruns.selfplay.dev.yaml
+	$(PY) -c "from spin_core.crd import write_chart_values_schema; write_chart_values_schema()"
 
 clean:
 	rm -rf .venv .cache

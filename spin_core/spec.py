@@ -131,24 +131,152 @@ class Toleration(Spec):
     """With effect NoExecute: how long the pod stays bound after the taint appears; empty means forever."""
 
 
-class Placement(Spec):
+class KeyRef(Spec):
+    """One key of a Secret or ConfigMap in the run's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Name of the Secret or ConfigMap."""
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """The key whose value is taken."""
+
+
+class EnvSource(Spec):
+    """Where an environment variable's value comes from: exactly one of the two."""
+
+    secret_key_ref: KeyRef | None = None
+    """A key of a Secret (the kubelet reads it; the operator never does)."""
+    config_map_key_ref: KeyRef | None = None
+    """A key of a ConfigMap."""
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise FieldProblem(("secretKeyRef",), "set exactly one of secretKeyRef and configMapKeyRef")
+        return self
+
+
+ENV_SOURCE_RULES = [
+    {
+        "rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+        "message": "set exactly one of secretKeyRef and configMapKeyRef",
+    }
+]
+
+
+class EnvVar(Spec):
+    """An extra environment variable of a step's container: a value, or a reference (valueFrom)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    """Variable name."""
+    value: str | None = None
+    """Its value."""
+    value_from: EnvSource | None = None
+    """Or where its value comes from."""
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise FieldProblem(("value",), "set exactly one of value and valueFrom")
+        return self
+
+
+ENV_VAR_RULES = [
+    {"rule": "has(self.value) != has(self.valueFrom)", "message": "set exactly one of value and valueFrom"}
+]
+
+
+class ExtraVolume(Spec):
+    """An extra volume mounted into a step's container: exactly one source (no hostPath or other node access)."""
+
+    name: str = Field(max_length=63, pattern=DNS1123_LABEL)
+    """Volume name (unique in the pod; spec, dshm and scratch are taken)."""
+    mount_path: str = Field(pattern=r"^/.*$")
+    """Absolute path in the container."""
+    read_only: bool = False
+    """Mount read-only."""
+    persistent_volume_claim: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Name of a PersistentVolumeClaim in the run's namespace."""
+    config_map: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Name of a ConfigMap in the run's namespace."""
+    secret: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Name of a Secret in the run's namespace."""
+
+    @model_validator(mode="after")
+    def _one(self) -> ExtraVolume:
+        if sum(x is not None for x in (self.persistent_volume_claim, self.config_map, self.secret)) != 1:
+            raise FieldProblem(
+                ("persistentVolumeClaim",), "set exactly one of persistentVolumeClaim, configMap and secret"
+            )
+        if self.name in ("spec", "dshm", "scratch"):
+            raise FieldProblem(("name",), "the volume names spec, dshm and scratch are the operator's")
+        return self
+
+
+VOLUME_RULES = [
+    {
+        "rule": "[has(self.persistentVolumeClaim), has(self.configMap), has(self.secret)].filter(x, x).size() == 1",
+        "message": "set exactly one of persistentVolumeClaim, configMap and secret",
+    },
+    {
+        "rule": "!(self.name in ['spec', 'dshm', 'scratch'])",
+        "message": "the volume names spec, dshm and scratch are the operator's",
+        "fieldPath": ".name",
+    },
+]
+
+
+class PodSettings(Spec):
+    """Identity and placement of pods: set operator-wide (the chart's podDefaults), for a whole run (spec.pods) or
+    per step (spec.generation, spec.training). The most specific level that sets a field wins; maps (nodeSelector,
+    podLabels, podAnnotations) are merged key by key, the most specific value winning. Ignored by `spin run`."""
+
+    service_account_name: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """ServiceAccount of the pods (e.g. one carrying a cloud workload identity for S3: then storage.credentialsSecret
+    can stay empty). The pods never get an API token mounted."""
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    """Secrets for pulling the images, in the run's namespace."""
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """PriorityClass of the pods (preemption order)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """A Kubernetes Affinity (nodeAffinity, podAffinity, podAntiAffinity), checked by the API server when the
+    step's Job is created."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pods tolerate."""
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels of the pods."""
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations of the pods (e.g. sidecar.istio.io/inject: "false")."""
+    env: list[EnvVar] = Field(default_factory=list)
+    """Extra environment variables of the container."""
+    volumes: list[ExtraVolume] = Field(default_factory=list)
+    """Extra volumes of the container (PersistentVolumeClaim, ConfigMap or Secret)."""
+    scratch_size: Quantity | None = None
+    """Size limit of each pod's /scratch volume (an emptyDir on the node's disk), where model downloads, caches and
+    per-rank training states go; also requested as ephemeral-storage so that pods land on nodes with room. Empty:
+    no limit (a 7B run needs tens of GiB per pod)."""
+    scratch_claim: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """A PersistentVolumeClaim to use as /scratch instead of an emptyDir (must be ReadWriteMany when several pods
+    run at once)."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    """Fail the step's Job or PyTorchJob when it has been active this long (e.g. pods stuck pending); the operator
+    then retries it like any failure. Empty: no deadline."""
+
+
+class Placement(PodSettings):
     """Where and how the pods of a step run in a cluster (ignored by `spin run`)."""
 
     image: str | None = None
     """Container image; empty means the operator's default for this step."""
     resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
     """CPU and memory requests/limits of each pod."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    """Node labels the pods must match."""
-    tolerations: list[Toleration] = Field(default_factory=list)
-    """Taints the pods tolerate."""
-    scratch_size: Quantity | None = None
-    """Size limit of each pod's /scratch volume (an emptyDir on the node's disk), where model downloads, caches and
-    per-rank training states go; also requested as ephemeral-storage so that pods land on nodes with room. Empty:
-    no limit (a 7B run needs tens of GiB per pod)."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1, le=INT64_MAX)
-    """Fail the step's Job or PyTorchJob when it has been active this long (e.g. pods stuck pending); the operator
-    then retries it like any failure. Empty: no deadline."""
+
+
+DEF_RULES = {"EnvSource": ENV_SOURCE_RULES, "EnvVar": ENV_VAR_RULES, "ExtraVolume": VOLUME_RULES}
+"""CEL rules of nested models, attached wherever the model appears in the CRD (mirrors of their validators)."""
 
 
 class ModelSource(Spec):
@@ -329,6 +457,12 @@ class Training(Placement):
                 ("maxPromptLength",),
                 f"must be smaller than maxLength ({self.max_length}), got {self.max_prompt_length}",
             )
+        if self.gpus_per_node and self.processes_per_node > self.gpus_per_node:
+            raise FieldProblem(
+                ("processesPerNode",),
+                f"must be at most gpusPerNode ({self.gpus_per_node}): one process per GPU, got "
+                f"{self.processes_per_node}",
+            )
         per_step = self.micro_batch_size * self.nodes * self.processes_per_node
         if self.global_batch_size % per_step:
             raise FieldProblem(
@@ -341,6 +475,11 @@ class Training(Placement):
 
 
 TRAINING_RULES = [
+    {
+        "rule": "self.gpusPerNode == 0 || self.processesPerNode <= self.gpusPerNode",
+        "message": "processesPerNode must be at most gpusPerNode (one process per GPU)",
+        "fieldPath": ".processesPerNode",
+    },
     {
         "rule": "self.maxPromptLength < self.maxLength",
         "message": "maxPromptLength must be smaller than maxLength",
@@ -448,11 +587,21 @@ class SpinRunSpec(Spec):
     """Per-iteration overrides of beta, learningRate and epochs; at most one entry per iteration."""
     suspend: bool = False
     """Cluster only: true suspends the running step's pods; false resumes."""
+    pods: PodSettings = Field(default_factory=PodSettings, json_schema_extra={"default": {}})
+    """Cluster only: identity and placement of every pod of the run; spec.generation and spec.training override
+    them per step (see PodSettings for the merge rule)."""
+    queue_name: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Cluster only: the Kueue LocalQueue (in the run's namespace) every step is submitted to: children are created
+    suspended with the label kueue.x-k8s.io/queue-name and start when Kueue admits them."""
+    workload_priority_class: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Cluster only, with queueName: the Kueue WorkloadPriorityClass of every step (kueue.x-k8s.io/priority-class)."""
     evaluation: Evaluation | None = None
     """Held-out evaluation after every iteration, early stopping and the best checkpoint; off when empty."""
 
     @model_validator(mode="after")
     def _schedule(self) -> SpinRunSpec:
+        if self.workload_priority_class and not self.queue_name:
+            raise FieldProblem(("workloadPriorityClass",), "needs queueName (a Kueue priority applies to a queue)")
         seen: set[int] = set()
         for i, entry in enumerate(self.schedule):
             if entry.iteration > self.iterations:
@@ -470,6 +619,11 @@ class SpinRunSpec(Spec):
 
 
 SPEC_RULES = [
+    {
+        "rule": "!has(self.workloadPriorityClass) || has(self.queueName)",
+        "message": "workloadPriorityClass needs queueName (a Kueue priority applies to a queue)",
+        "fieldPath": ".workloadPriorityClass",
+    },
     {
         "rule": "!has(self.schedule) || self.schedule.all(s, s.iteration <= self.iterations)",
         "message": "every schedule entry must name an iteration between 1 and spec.iterations",

@@ -79,6 +79,19 @@ def only(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def is_user_role(obj: dict[str, Any]) -> bool:
+    """The ClusterRoles that give namespace users access to SpinRuns (aggregated into view/edit/admin)."""
+    return any(k.startswith(AGGREGATE) for k in (obj["metadata"].get("labels") or {}))
+
+
+def operator_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The release's objects minus the users' aggregated ClusterRoles: what the operator itself runs with."""
+    return [o for o in objects if not is_user_role(o)]
+
+
 def kinds(objects: list[dict[str, Any]]) -> list[str]:
     return sorted(o["kind"] for o in objects)
 
@@ -181,6 +194,10 @@ BAD_VALUES = [
     (["--set", "extraArgs=--verbose"], "/extraArgs"),
     (["--set", "rbac.create=no"], "/rbac/create"),
     (["--set", "jobServiceAccount=Not Valid"], "/jobServiceAccount"),
+    (["--set-json", 'podDefaults={"nodeSelecter":{"a":"b"}}'], "nodeSelecter"),
+    (["--set-json", 'podDefaults={"activeDeadlineSeconds":0}'], "/podDefaults/activeDeadlineSeconds"),
+    (["--set-json", 'podDefaults={"volumes":[{"name":"x","mountPath":"/x","hostPath":"/"}]}'], "hostPath"),
+    (["--set-json", 'policy={"allowedSecrets":["Bad_Name"]}'], "/policy/allowedSecrets/0"),
 ]
 
 
@@ -291,7 +308,7 @@ def test_deployment_runs_spin_operator_with_kopf_health(helm_bin):
 
 
 def test_default_is_cluster_wide_standalone(helm_bin):
-    objects = render(helm_bin)
+    objects = operator_objects(render(helm_bin))
     assert kinds(objects) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
     deployment = only(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
@@ -306,7 +323,7 @@ def test_default_is_cluster_wide_standalone(helm_bin):
 
 
 def test_namespaced_mode(helm_bin):
-    objects = render(helm_bin, *SCENARIOS["namespaced"])
+    objects = operator_objects(render(helm_bin, *SCENARIOS["namespaced"]))
     args = container(objects)["args"]
     assert "--all-namespaces" not in args
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["team-a", "team-b"]
@@ -326,7 +343,7 @@ def test_namespaced_mode(helm_bin):
         ("", "namespaces", "list"),
         ("", "namespaces", "watch"),
     }
-    no_observer = render(helm_bin, *SCENARIOS["namespaced-no-observer"])
+    no_observer = operator_objects(render(helm_bin, *SCENARIOS["namespaced-no-observer"]))
     assert "ClusterRole" not in kinds(no_observer) and "ClusterRoleBinding" not in kinds(no_observer)
 
 
@@ -419,7 +436,7 @@ def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_rbac_has_no_wildcards_secrets_or_escalation(helm_bin, scenario):
-    objects = render(helm_bin, *SCENARIOS[scenario])
+    objects = operator_objects(render(helm_bin, *SCENARIOS[scenario]))
     roles = [o for o in objects if o["kind"] in RBAC_KINDS]
     assert roles
     args = SCENARIOS[scenario]
@@ -586,7 +603,7 @@ def test_rbac_grants_exactly_what_the_operator_requests(helm_bin):
     needed = requested - peering_requested - NAMESPACE_SCAN
 
     # Cluster-wide (the default): one ClusterRole.
-    granted = grants(only(render(helm_bin), "ClusterRole"))
+    granted = grants(only(operator_objects(render(helm_bin)), "ClusterRole"))
     missing, extra = needed - granted, granted - needed - ADMISSION_ONLY
     assert not missing and not extra, (
         f"the chart's ClusterRole and the operator's requests differ.\nrequested but not granted:\n"
@@ -595,14 +612,14 @@ def test_rbac_grants_exactly_what_the_operator_requests(helm_bin):
     )
 
     # HA adds exactly the peering rules, and they cover what the operator asked of peering objects.
-    granted_ha = grants(only(render(helm_bin, *SCENARIOS["ha"]), "ClusterRole"))
+    granted_ha = grants(only(operator_objects(render(helm_bin, *SCENARIOS["ha"])), "ClusterRole"))
     assert granted_ha - granted == {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
     peering_cluster = {("kopf.dev", "clusterkopfpeerings", verb) for _, _, verb in peering_requested}
     assert peering_cluster <= granted_ha, f"peering requests not granted:\n{_describe(peering_cluster - granted_ha)}"
 
     # Namespaced: the Role of each namespace plus the observer ClusterRole cover the same needs; the only extras
     # are kopf's namespace list/watch, which it does in this mode.
-    objects = render(helm_bin, *SCENARIOS["namespaced"])
+    objects = operator_objects(render(helm_bin, *SCENARIOS["namespaced"]))
     role = {t for o in objects if o["kind"] == "Role" for t in grants(o)}
     observer = grants(only(objects, "ClusterRole"))
     union = role | observer
@@ -622,10 +639,53 @@ def test_the_operations_guide_lists_exactly_the_rbac_the_chart_grants(helm_bin):
             documented |= {(resource, verb.strip()) for verb in verbs.split(",")}
     granted = set()
     for scenario in ("default", "namespaced", "ha", "ha-namespaced"):
-        for role in render(helm_bin, *SCENARIOS[scenario]):
+        for role in operator_objects(render(helm_bin, *SCENARIOS[scenario])):
             if role["kind"] in RBAC_KINDS:
                 granted |= {(resource, verb) for _, resource, verb in grants(role)}
     assert documented == granted, (
         f"docs/operations.md's RBAC table differs from the chart.\ndocumented, not granted: "
         f"{sorted(documented - granted)}\ngranted, not documented: {sorted(granted - documented)}"
     )
+
+
+def test_namespace_users_get_spinruns_through_the_default_roles(helm_bin):
+    """view/edit/admin users of a namespace may see SpinRuns, edit/admin users create and delete them; nobody but the
+    operator writes their status, and the aggregated roles grant nothing else."""
+    roles = {o["metadata"]["name"]: o for o in render(helm_bin) if is_user_role(o)}
+    view, edit = roles["spin-operator-spinruns-view"], roles["spin-operator-spinruns-edit"]
+    aggregated = {name: {k.removeprefix(AGGREGATE) for k in r["metadata"]["labels"] if k.startswith(AGGREGATE)}
+                  for name, r in roles.items()}  # fmt: skip
+    assert aggregated == {
+        view["metadata"]["name"]: {"view", "edit", "admin"},
+        edit["metadata"]["name"]: {"edit", "admin"},
+    }
+    assert grants(view) == {
+        ("selfplay.dev", r, v) for r in ("spinruns", "spinruns/status") for v in ("get", "list", "watch")
+    }
+    assert grants(edit) == {
+        ("selfplay.dev", "spinruns", v) for v in ("create", "update", "patch", "delete", "deletecollection")
+    }
+    assert not [o for o in render(helm_bin, "--set", "rbac.aggregateToDefaultRoles=false") if is_user_role(o)]
+
+
+def test_pod_defaults_share_the_spinrun_schema_and_reach_the_operator(helm_bin):
+    """values.schema.json's podDefaults is spec.pods' schema (generated: `make crd`), and the chart hands the value,
+    the registry allow-list and the Secret allow-list to the operator as the environment its Config reads."""
+    from spin_core.crd import CHART_VALUES_SCHEMA, pod_settings_schema
+
+    assert json.loads(CHART_VALUES_SCHEMA.read_text())["properties"]["podDefaults"] == pod_settings_schema(), (
+        "charts/spin-operator/values.schema.json podDefaults is stale: run `make crd`"
+    )
+    pods = {"priorityClassName": "batch-low", "podLabels": {"team": "nlp"}, "scratchSize": "200Gi"}
+    objects = render(
+        helm_bin,
+        "--set-json", f"podDefaults={json.dumps(pods)}",
+        "--set-json", 'policy={"allowedRegistries":["registry.example.com/ml/"],"restrictSecrets":true,'
+        '"allowedSecrets":["s3-credentials","hf-token"]}',
+    )  # fmt: skip
+    env = env_of(objects)
+    assert json.loads(env["SPIN_POD_DEFAULTS"]) == pods
+    assert env["SPIN_ALLOWED_REGISTRIES"] == "registry.example.com/ml/"
+    assert env["SPIN_ALLOWED_SECRETS"] == "s3-credentials,hf-token"
+    defaults = env_of(render(helm_bin))
+    assert not {"SPIN_POD_DEFAULTS", "SPIN_ALLOWED_REGISTRIES", "SPIN_ALLOWED_SECRETS"} & set(defaults)

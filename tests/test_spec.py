@@ -74,12 +74,43 @@ TOLERATIONS = st.lists(
     ),
     max_size=2,
 )
-PLACEMENT = {
-    "image": TEXT,
-    "resources": RESOURCES,
+KEY_REFS = st.fixed_dictionaries({"name": SUBDOMAINS, "key": st.from_regex(r"[-._a-zA-Z0-9]{1,12}", fullmatch=True)})
+ENV = st.lists(
+    st.fixed_dictionaries(
+        {"name": st.from_regex(r"[A-Z_][A-Z0-9_]{0,12}", fullmatch=True)},
+        optional={"value": TEXT},
+    ).map(lambda e: e if "value" in e else {**e, "valueFrom": {"secretKeyRef": {"name": "s3", "key": "token"}}}),
+    max_size=2,
+)
+VOLUMES = st.lists(
+    st.builds(
+        lambda name, path, source, ref: {"name": f"v-{name}", "mountPath": f"/{path}", source: ref},
+        NAMES.filter(lambda n: len(n) < 60),
+        KEYS,
+        st.sampled_from(["persistentVolumeClaim", "configMap", "secret"]),
+        SUBDOMAINS,
+    ),
+    max_size=2,
+    unique_by=lambda v: v["name"],
+)
+POD_SETTINGS = {
+    "serviceAccountName": SUBDOMAINS,
+    "imagePullSecrets": st.lists(SUBDOMAINS, max_size=2),
+    "priorityClassName": SUBDOMAINS,
     "nodeSelector": st.dictionaries(TEXT, TEXT, max_size=2),
+    "affinity": st.just(
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}
+    ),
     "tolerations": TOLERATIONS,
+    "podLabels": st.dictionaries(NAMES, NAMES, max_size=2),
+    "podAnnotations": st.dictionaries(NAMES, TEXT, max_size=2),
+    "env": ENV,
+    "volumes": VOLUMES,
+    "scratchSize": QUANTITIES,
+    "scratchClaim": SUBDOMAINS,
+    "activeDeadlineSeconds": st.integers(1, 10**6),
 }
+PLACEMENT = {"image": TEXT, "resources": RESOURCES, **POD_SETTINGS}
 GENERATION = optional(
     backend=st.sampled_from(["vllm", "hf"]),
     shards=st.integers(1, 1024),
@@ -142,7 +173,7 @@ def trainings(draw: st.DrawFn) -> dict[str, Any]:
             dtype=st.sampled_from(["auto", "float32", "bfloat16"]),
             seed=st.integers(0, s.SEED_MAX),
             checkpointEverySteps=st.integers(1, 10**6),
-            gpusPerNode=st.integers(0, 8),
+            gpusPerNode=st.sampled_from([0, 8]),  # batches() draws processesPerNode <= 8
             backoffLimit=st.integers(0, 10),
             **PLACEMENT,
         )
@@ -225,8 +256,12 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
             schedule=schedules(iterations),
             suspend=st.booleans(),
             evaluation=evaluations(),
+            pods=optional(**POD_SETTINGS),
+            queueName=SUBDOMAINS,
         )
     )
+    if "queueName" in spec and draw(st.booleans()):
+        spec["workloadPriorityClass"] = draw(SUBDOMAINS)
     metadata = {"name": draw(RUN_NAMES)} | draw(
         optional(namespace=NAMES, labels=st.dictionaries(NAMES, NAMES, max_size=2))
     )
@@ -303,7 +338,7 @@ BAD_URIS = st.one_of(
 
 MUTATIONS = [
     "range", "enum", "zero-stage", "unknown", "uri", "name", "secret", "schedule-missing", "schedule-twice", "type",
-    "prompt-length", "batch", "required",
+    "prompt-length", "batch", "required", "env", "volume", "gpus", "priority-without-queue",
 ]  # fmt: skip
 
 
@@ -389,6 +424,33 @@ def mutations(draw: st.DrawFn, kind: str) -> tuple[dict[str, Any], str, str]:
             "globalBatchSize": total,
         }
         return doc, "spec.training.globalBatchSize", "spec.training.globalBatchSize"
+    if kind == "env":
+        where = draw(st.sampled_from(["pods", "generation", "training"]))
+        spec.setdefault(where, {})["env"] = [
+            {"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+        ]
+        return doc, f"spec.{where}.env[0].value", f"spec.{where}.env[0]"
+    if kind == "volume":
+        where = draw(st.sampled_from(["pods", "generation", "training"]))
+        spec.setdefault(where, {})["volumes"] = [
+            {"name": "data", "mountPath": "/data", "secret": "s", "persistentVolumeClaim": "c"}
+        ]
+        return doc, f"spec.{where}.volumes[0].persistentVolumeClaim", f"spec.{where}.volumes[0]"
+    if kind == "gpus":
+        gpus = draw(st.integers(1, 7))
+        procs = draw(st.integers(gpus + 1, 8))
+        spec["training"] = spec.get("training", {}) | {
+            "gpusPerNode": gpus,
+            "processesPerNode": procs,
+            "microBatchSize": 1,
+            "nodes": 1,
+            "globalBatchSize": procs,
+        }
+        return doc, "spec.training.processesPerNode", "spec.training.processesPerNode"
+    if kind == "priority-without-queue":
+        spec.pop("queueName", None)
+        spec["workloadPriorityClass"] = "high"
+        return doc, "spec.workloadPriorityClass", "spec.workloadPriorityClass"
     assert kind == "required"
     path = draw(st.sampled_from(REQUIRED))
     *parents, last = path.split(".")
@@ -529,7 +591,7 @@ def test_kopf_style_mappings_are_accepted():
         ({"schedule": [{"iteration": 4}]}, "spec.schedule[0].iteration: iteration 4 does not exist"),
         ({"schedule": [{"iteration": 1}, {"iteration": 1}]}, "spec.schedule[1].iteration: iteration 1 appears more"),
         ({"training": {"lerningRate": 1e-5}}, "spec.training.lerningRate: unknown field (did you mean learningRate?)"),
-        ({"training": {"zzz": 1}}, "spec.training.zzz: unknown field; allowed fields: image, resources,"),
+        ({"training": {"zzz": 1}}, "spec.training.zzz: unknown field; allowed fields: serviceAccountName,"),
         ({"training": {"loss": "dpo"}}, "spec.training.loss: must be 'sigmoid', 'hinge' or 'ipo' (got 'dpo')"),
         (
             {"model": {"uri": "gs://m"}},

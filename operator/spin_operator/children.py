@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import kopf
 
-from spin_core.spec import Placement, SpinRun
+from spin_core.spec import Placement, PodSettings, SpinRun
 from spin_operator.config import Config
 from spin_operator.kube import JOBS, PYTORCHJOBS, Kind
 
@@ -46,6 +46,8 @@ GENERATE_CONTAINER = "generate"
 TRAIN_CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 EVALUATE_CONTAINER = "evaluate"
 GPU = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 EPHEMERAL_STORAGE = "ephemeral-storage"
 
 KIND_OF: dict[str, Kind] = {"generate": JOBS, "train": PYTORCHJOBS, "evaluate": JOBS}
@@ -149,15 +151,42 @@ def configmap(run: SpinRun, owner_body: dict[str, Any]) -> dict[str, Any]:
     return _adopt(obj, owner_body, _labels(run))
 
 
-def _resources(placement: Placement, default: dict[str, Any], gpus: int) -> dict[str, Any]:
+MAP_FIELDS = ("node_selector", "pod_labels", "pod_annotations")
+
+
+def pod_settings(run: SpinRun, step: Step, config: Config) -> PodSettings:
+    """The step's pod settings: the operator's defaults, then spec.pods, then the step's own (spec.generation for
+    generation and evaluation, spec.training for training). A level's setting replaces the ones below it; maps are
+    merged key by key instead; an empty list or map sets nothing."""
+    levels: list[PodSettings] = [config.pod_defaults, run.spec.pods, STEP_PLACEMENT[step](run)]
+    merged: dict[str, Any] = {}
+    for name in PodSettings.model_fields:
+        values = [getattr(level, name) for level in levels]
+        if name in MAP_FIELDS:
+            merged[name] = {k: v for value in values for k, v in value.items()}
+        else:
+            merged[name] = next((v for v in reversed(values) if v is not None and v != []), values[0])
+    if merged["service_account_name"] is None:
+        merged["service_account_name"] = config.job_service_account
+    return PodSettings.model_construct(**merged)
+
+
+STEP_PLACEMENT = {
+    "generate": lambda run: run.spec.generation,
+    "train": lambda run: run.spec.training,
+    "evaluate": lambda run: run.spec.generation,
+}
+
+
+def _resources(placement: Placement, pods: PodSettings, default: dict[str, Any], gpus: int) -> dict[str, Any]:
     """The spec's requests/limits (or the operator's default when the spec sets none), GPUs from the GPU field,
     ephemeral-storage from the scratch size (unless requested explicitly)."""
     spec_resources = placement.resources.model_dump(mode="json")
     chosen = spec_resources if (spec_resources["requests"] or spec_resources["limits"]) else copy.deepcopy(default)
     requests = {k: str(v) for k, v in (chosen.get("requests") or {}).items() if k != GPU}
     limits = {k: str(v) for k, v in (chosen.get("limits") or {}).items() if k != GPU}
-    if placement.scratch_size:
-        requests.setdefault(EPHEMERAL_STORAGE, str(placement.scratch_size))
+    if pods.scratch_size and not pods.scratch_claim:
+        requests.setdefault(EPHEMERAL_STORAGE, str(pods.scratch_size))
     if gpus > 0:
         limits[GPU] = str(gpus)
         requests[GPU] = str(gpus)
@@ -182,19 +211,20 @@ SCRATCH_ENV = {
 }
 
 
-def _env(run: SpinRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _env(run: SpinRun, pods: PodSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The container's env: the run's, the scratch caches, S3 settings, then the pod settings' extra env (which
+    replaces a variable of the same name)."""
     storage = run.spec.storage
-    env: list[dict[str, Any]] = [{"name": "SPIN_RUN", "value": run.metadata.name}]
-    env += [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
+    env: dict[str, dict[str, Any]] = {"SPIN_RUN": {"value": run.metadata.name}}
+    env |= {k: {"value": v} for k, v in SCRATCH_ENV.items()}
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        env["AWS_ENDPOINT_URL"] = {"value": storage.endpoint}
     if storage.region:
-        env += [
-            {"name": "AWS_REGION", "value": storage.region},
-            {"name": "AWS_DEFAULT_REGION", "value": storage.region},
-        ]
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = {"value": storage.region}
+    for var in pods.env:
+        env[var.name] = var.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"name"})
     env_from = [{"secretRef": {"name": storage.credentials_secret}}] if storage.credentials_secret else []
-    return env, env_from
+    return [{"name": k, **v} for k, v in env.items()], env_from
 
 
 POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -211,29 +241,55 @@ CONTAINER_SECURITY = {
 }
 
 
-def _scratch(placement: Placement) -> dict[str, Any]:
-    return {"sizeLimit": str(placement.scratch_size)} if placement.scratch_size else {}
+def _volumes(run: SpinRun, pods: PodSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, the container's mounts): the spec ConfigMap, shared memory, scratch and the extra volumes."""
+    scratch: dict[str, Any]
+    if pods.scratch_claim:
+        scratch = {"persistentVolumeClaim": {"claimName": pods.scratch_claim}}
+    else:
+        scratch = {"emptyDir": {"sizeLimit": str(pods.scratch_size)} if pods.scratch_size else {}}
+    volumes = [
+        {
+            "name": "spec",
+            "configMap": {"name": configmap_name(run.metadata.name), "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]},
+        },
+        # NCCL and vLLM need far more shared memory than the container runtime's 64 MiB default.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "scratch", **scratch},
+    ]
+    mounts = [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH},
+    ]
+    for extra in pods.volumes:
+        if extra.persistent_volume_claim:
+            source = {"persistentVolumeClaim": {"claimName": extra.persistent_volume_claim}}
+        elif extra.config_map:
+            source = {"configMap": {"name": extra.config_map}}
+        else:
+            source = {"secret": {"secretName": extra.secret}}
+        volumes.append({"name": extra.name, **source})
+        mounts.append({"name": extra.name, "mountPath": extra.mount_path, "readOnly": extra.read_only})
+    return volumes, mounts
 
 
-def _pod_spec(
+def _pod_template(
     run: SpinRun,
-    placement: Placement,
+    pods: PodSettings,
+    labels: dict[str, str],
     container: dict[str, Any],
-    config: Config,
     restart_policy: str | None,
     pod_security: dict[str, Any] = POD_SECURITY,
 ) -> dict[str, Any]:
     """The pod template of a step. `restart_policy` None leaves it to the Training Operator (which sets it from the
     replica's policy, and warns with an Event per pod when the template sets one)."""
-    env, env_from = _env(run)
+    env, env_from = _env(run, pods)
+    volumes, mounts = _volumes(run, pods)
     container = {
         **container,
         "env": env,
-        "volumeMounts": [
-            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "scratch", "mountPath": SCRATCH},
-        ],
+        "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
@@ -243,28 +299,36 @@ def _pod_spec(
         "automountServiceAccountToken": False,
         "securityContext": copy.deepcopy(pod_security),
         "containers": [container],
-        "volumes": [
-            {
-                "name": "spec",
-                "configMap": {
-                    "name": configmap_name(run.metadata.name),
-                    "items": [{"key": SPEC_FILE, "path": SPEC_FILE}],
-                },
-            },
-            # NCCL and vLLM need far more shared memory than the container runtime's 64 MiB default.
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            {"name": "scratch", "emptyDir": _scratch(placement)},
-        ],
+        "volumes": volumes,
     }
     if restart_policy is not None:
         pod["restartPolicy"] = restart_policy
-    if config.job_service_account:
-        pod["serviceAccountName"] = config.job_service_account
-    if placement.node_selector:
-        pod["nodeSelector"] = dict(placement.node_selector)
-    if placement.tolerations:
-        pod["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in placement.tolerations]
-    return pod
+    if pods.service_account_name:
+        pod["serviceAccountName"] = pods.service_account_name
+    if pods.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in pods.image_pull_secrets]
+    if pods.priority_class_name:
+        pod["priorityClassName"] = pods.priority_class_name
+    if pods.node_selector:
+        pod["nodeSelector"] = dict(pods.node_selector)
+    if pods.affinity:
+        pod["affinity"] = copy.deepcopy(pods.affinity)
+    if pods.tolerations:
+        pod["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in pods.tolerations]
+    metadata: dict[str, Any] = {"labels": {**pods.pod_labels, **labels}}
+    if pods.pod_annotations:
+        metadata["annotations"] = dict(pods.pod_annotations)
+    return {"metadata": metadata, "spec": pod}
+
+
+def _queue(run: SpinRun) -> dict[str, str]:
+    """Kueue's labels of every child of a queued run."""
+    labels = {}
+    if run.spec.queue_name:
+        labels[QUEUE_LABEL] = run.spec.queue_name
+    if run.spec.workload_priority_class:
+        labels[PRIORITY_LABEL] = run.spec.workload_priority_class
+    return labels
 
 
 def _batch_job(
@@ -283,13 +347,14 @@ def _batch_job(
     holds its completions and retry fields; exit code 2 (a problem the user must fix: spec, data, scorer) takes
     `user_error_action`, since retrying cannot help, and node disruptions are not counted as failures."""
     gen = run.spec.generation
+    pods = pod_settings(run, step, config)
     labels = _labels(run, iteration, step, attempt)
     container = {
         "name": container_name,
         "image": gen.image or config.generator_image,
         "command": ["spin"],
         "args": [step, "--spec", SPEC_PATH, "--iteration", str(iteration)],
-        "resources": _resources(gen, config.generator_resources, gen.gpus_per_shard),
+        "resources": _resources(gen, pods, config.generator_resources, gen.gpus_per_shard),
     }
     obj = {
         "apiVersion": "batch/v1",
@@ -311,15 +376,13 @@ def _batch_job(
                 ]
             },
             "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
-            "suspend": suspend,
-            **({"activeDeadlineSeconds": gen.active_deadline_seconds} if gen.active_deadline_seconds else {}),
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(run, gen, container, config, restart_policy="Never"),
-            },
+            # A queued run's children start suspended: Kueue resumes them once admitted.
+            "suspend": suspend or bool(run.spec.queue_name),
+            **({"activeDeadlineSeconds": pods.active_deadline_seconds} if pods.active_deadline_seconds else {}),
+            "template": _pod_template(run, pods, labels, container, restart_policy="Never"),
         },
     }
-    return _adopt(obj, owner_body, labels)
+    return _adopt(obj, owner_body, {**_queue(run), **labels})
 
 
 def generation_job(
@@ -343,6 +406,7 @@ def training_job(
 ) -> dict[str, Any]:
     """The PyTorchJob of one iteration's training: torchrun on every node, one Master and nodes-1 Workers."""
     train = run.spec.training
+    pods = pod_settings(run, "train", config)
     labels = _labels(run, iteration, "train", attempt)
     container = {
         "name": TRAIN_CONTAINER,
@@ -363,7 +427,7 @@ def training_job(
             "--iteration",
             str(iteration),
         ],
-        "resources": _resources(train, config.trainer_resources, train.gpus_per_node),
+        "resources": _resources(train, pods, config.trainer_resources, train.gpus_per_node),
     }
 
     def replica(replicas: int) -> dict[str, Any]:
@@ -373,17 +437,30 @@ def training_job(
             # place and the run resumes from its last train state; exit codes 1-127 (1: a failed step, 2: bad
             # input) fail the job at once, and the operator decides (a new attempt, or no retry for bad input).
             "restartPolicy": "ExitCode",
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(
-                    run, train, container, config, restart_policy=None, pod_security=TRAINING_POD_SECURITY
-                ),
-            },
+            "template": _pod_template(
+                run, pods, labels, container, restart_policy=None, pod_security=TRAINING_POD_SECURITY
+            ),
         }
 
     replicas = {"Master": replica(1)}
     if train.nodes > 1:
         replicas["Worker"] = replica(train.nodes - 1)
+    run_policy: dict[str, Any] = {
+        "backoffLimit": train.backoff_limit,
+        # Stragglers are stopped when the job ends; the finished Master pod stays for its termination message (the
+        # trainer's summary) and its logs until the TTL removes the job.
+        "cleanPodPolicy": "Running",
+        "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
+        "suspend": suspend or bool(run.spec.queue_name),
+    }
+    if pods.active_deadline_seconds:
+        run_policy["activeDeadlineSeconds"] = pods.active_deadline_seconds
+    if train.nodes > 1:
+        # Gang scheduling (where the Training Operator runs with a gang scheduler: Volcano, scheduler-plugins):
+        # all nodes' pods are placed together or not at all, so a half-placed job holds no GPUs.
+        run_policy["schedulingPolicy"] = {"minAvailable": train.nodes}
+        if pods.priority_class_name:
+            run_policy["schedulingPolicy"]["priorityClass"] = pods.priority_class_name
     obj = {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
@@ -393,19 +470,11 @@ def training_job(
         },
         "spec": {
             "nprocPerNode": str(train.processes_per_node),
-            "runPolicy": {
-                "backoffLimit": train.backoff_limit,
-                # Stragglers are stopped when the job ends; the finished Master pod stays for its termination
-                # message (the trainer's summary) and its logs until the TTL removes the job.
-                "cleanPodPolicy": "Running",
-                "ttlSecondsAfterFinished": config.ttl_seconds_after_finished,
-                "suspend": suspend,
-                **({"activeDeadlineSeconds": train.active_deadline_seconds} if train.active_deadline_seconds else {}),
-            },
+            "runPolicy": run_policy,
             "pytorchReplicaSpecs": replicas,
         },
     }
-    return _adopt(obj, owner_body, labels)
+    return _adopt(obj, owner_body, {**_queue(run), **labels})
 
 
 def evaluation_job(

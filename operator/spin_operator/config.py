@@ -11,7 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from spin_core.spec import MAX_ATTEMPTS_SUFFIX
+from pydantic import ValidationError
+
+from spin_core.resource import describe
+from spin_core.spec import MAX_ATTEMPTS_SUFFIX, PodSettings
 
 DEFAULT_GENERATOR_IMAGE = "ghcr.io/spin-selfplay/spin-generator:0.1.0"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/spin-selfplay/spin-trainer:0.1.0"
@@ -42,6 +45,22 @@ def _env_resources(name: str) -> dict[str, Any]:
     return parsed
 
 
+def _env_list(name: str) -> tuple[str, ...] | None:
+    """A comma-separated list; None when the variable is not set."""
+    value = os.environ.get(name)
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _env_pod_defaults(name: str) -> PodSettings:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return PodSettings()
+    try:
+        return PodSettings.model_validate_json(value)
+    except ValidationError as e:
+        raise ValueError(f"${name} is not valid pod settings: {'; '.join(describe(e))}") from None
+
+
 @dataclass
 class Config:
     generator_image: str = DEFAULT_GENERATOR_IMAGE
@@ -67,6 +86,15 @@ class Config:
     job_service_account: str | None = None
     """ServiceAccount of the generation/training pods; empty: the namespace's default ($SPIN_JOB_SERVICE_ACCOUNT).
     Their API token is never mounted: the pods talk to S3, not to Kubernetes."""
+    pod_defaults: PodSettings = field(default_factory=PodSettings)
+    """Operator-wide pod settings under every run's spec.pods and per-step settings ($SPIN_POD_DEFAULTS, JSON in the
+    SpinRun's camelCase form; see spin_core.spec.PodSettings for the merge rule)."""
+    allowed_registries: tuple[str, ...] = ()
+    """Image prefixes a run's pods may use (e.g. registry.example.com/ml/); empty: any ($SPIN_ALLOWED_REGISTRIES,
+    comma-separated)."""
+    allowed_secrets: tuple[str, ...] | None = None
+    """Secrets a run may name (credentials, env, volumes, image pulls); None: any ($SPIN_ALLOWED_SECRETS,
+    comma-separated; set but empty: none)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_retries <= MAX_RETRIES:
@@ -86,6 +114,9 @@ class Config:
             ttl_seconds_after_finished=_env_int("SPIN_CHILD_TTL_SECONDS", 7 * 24 * 3600),
             resync_interval=_env_float("SPIN_RESYNC_SECONDS", 600.0),
             job_service_account=os.environ.get("SPIN_JOB_SERVICE_ACCOUNT", "").strip() or None,
+            pod_defaults=_env_pod_defaults("SPIN_POD_DEFAULTS"),
+            allowed_registries=_env_list("SPIN_ALLOWED_REGISTRIES") or (),
+            allowed_secrets=_env_list("SPIN_ALLOWED_SECRETS"),
         )
 
     def backoff(self, retries_done: int) -> float:

@@ -29,7 +29,7 @@ from spin_core import layout
 from spin_core.planner import Progress, Step, best, plan
 from spin_core.resource import SpecError, parse, plain
 from spin_core.spec import SpinRun
-from spin_operator import changes, children, metrics
+from spin_operator import changes, children, metrics, policy
 from spin_operator import status as st_
 from spin_operator.config import Config
 from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, ApiError, Kube
@@ -348,6 +348,8 @@ class Controller:
             current = state.parsed[1]
         else:
             current = _parse_run(body)
+            if not isinstance(current, SpecError) and (denied := policy.violations(current, self.config)):
+                current = SpecError(f"SpinRun {namespace}/{name}", denied)
             state.parsed = (source, current)
         if state.accepted is None and state.written and not state.accepted_loaded:
             state.accepted_loaded = True
