@@ -431,6 +431,10 @@ class Training(Placement):
     """GPUs requested per training pod (nvidia.com/gpu)."""
     backoff_limit: int = Field(default=2, ge=0, le=1000)
     """Retries of a failed training job before the iteration fails."""
+    runtime: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
+    """Cluster only: train with Kubeflow Trainer v2 instead of a PyTorchJob: the name of a ClusterTrainingRuntime
+    (e.g. torch-distributed); each training step is then a TrainJob (trainer.kubeflow.org/v1alpha1). Empty: a
+    PyTorchJob (Kubeflow Training Operator v1)."""
     # Regularised SPIN variants (opt-in; the defaults are the paper's method). See README and spin_core/losses.py.
     sft_weight: float = Field(default=0.0, ge=0.0)
     """Adds sftWeight x the mean per-token NLL of the real answer to each pair's loss (RPO-style anchoring);

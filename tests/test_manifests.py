@@ -38,7 +38,13 @@ def test_operator_manifests_equal_the_chart_rendering(helm_bin):
 def test_operator_manifests_content():
     objects = documents(tools.OPERATOR_MANIFEST)
     assert [o["kind"] for o in objects] == [
-        "Namespace", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "Deployment",
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
     ]  # fmt: skip (the operator's ClusterRole, and the users' two aggregated into view/edit/admin)
     assert objects[0]["metadata"]["name"] == "spin-system"
     assert all(o["metadata"].get("namespace") in (None, "spin-system") for o in objects)

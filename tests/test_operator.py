@@ -29,6 +29,7 @@ from tests.fixtures.kube import (
     JOBS,
     PYTORCHJOBS,
     SPINRUNS,
+    TRAINJOBS,
     AutoCluster,
     FakeCluster,
     KubeAPI,
@@ -434,6 +435,68 @@ async def test_suspend_and_resume_in_each_step(kube: KubeAPI, operator: Any) -> 
     await wait_phase(kube, "tiny", "Succeeded")
     reasons = [reason for _, reason, _ in events_of(kube, "tiny")]
     assert reasons.count("Suspended") >= 3 and reasons.count("Resumed") >= 2
+
+
+async def test_training_runtime_trains_with_kubeflow_trainer_v2(kube: KubeAPI, operator: Any) -> None:
+    """training.runtime: each training step is a TrainJob on that ClusterTrainingRuntime, suspended and resumed
+    through spec.suspend, retried on failure, and its rank-0 pod's summary lands in the status.
+
+    kmock stands in for the API server and the test for Kubeflow Trainer v2 and JobSet (which do not run here):
+    the TrainJob's content is checked against Trainer v2's real CRD schema on the real control plane
+    (tests/test_control_plane_operator.py); here, the operator's reactions to its states."""
+    fake = FakeCluster(kube)
+    body = spinrun(
+        training={"runtime": "torch-distributed", "nodes": 2, "processesPerNode": 4, "gpusPerNode": 4,
+                  "globalBatchSize": 64},
+        storage={"uri": "s3://runs/tiny", "credentialsSecret": "s3-credentials"},
+    )  # fmt: skip
+    created = await create(kube, body)
+    await wait_child(kube, JOBS, "tiny-i1-gen")
+    # The TrainJob exists already, without owner or labels (as made by a version of the operator that did not label
+    # it): creating it gets 409, and it is adopted, not duplicated.
+    from spin_operator import children
+
+    orphan = children.trainjob(parse(body), created, 1, 0, operator.controller.config)
+    orphan["metadata"].pop("ownerReferences")
+    orphan["metadata"].pop("labels")
+    await kube.call("POST", f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs", orphan)
+    await fake.complete_job(NS, "tiny-i1-gen")
+    await wait_for(lambda: kube.obj(TRAINJOBS, NS, "tiny-i1-train")["metadata"].get("ownerReferences"), "adopted")
+    tj = kube.obj(TRAINJOBS, NS, "tiny-i1-train")
+    assert kube.obj(PYTORCHJOBS, NS, "tiny-i1-train") is None
+    spec = tj["spec"]
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4
+    assert trainer["command"] == ["torchrun"] and trainer["args"][:3] == ["--no-python", "spin", "train"]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    (override,) = spec["podSpecOverrides"]
+    assert override["targetJobs"] == [{"name": "node"}]
+    assert {v["name"] for v in override["volumes"]} == {"spec", "dshm", "scratch"}
+
+    await patch_spec(kube, "tiny", {"suspend": True})
+    await wait_for(lambda: kube.obj(TRAINJOBS, NS, "tiny-i1-train")["spec"]["suspend"] is True, "TrainJob suspended")
+    await patch_spec(kube, "tiny", {"suspend": False})
+    await wait_for(lambda: kube.obj(TRAINJOBS, NS, "tiny-i1-train")["spec"]["suspend"] is False, "TrainJob resumed")
+
+    await fake.finish_trainjob(NS, "tiny-i1-train", succeeded=False, message="jobset failed: node-0 exit 1")
+    retried = await wait_child(kube, TRAINJOBS, "tiny-i1-train-r1")
+    assert retried["metadata"]["labels"]["selfplay.dev/attempt"] == "1"
+    await wait_for(lambda: kube.obj(TRAINJOBS, NS, "tiny-i1-train") is None, "the failed attempt deleted")
+    await fake.finish_trainjob(
+        NS, "tiny-i1-train-r1", succeeded=True, message="done", summary={"metrics": {"loss": 0.25}, "checkpoint": None}
+    )
+    done = await wait_phase(kube, "tiny", "Succeeded")
+    assert done["iterations"][0]["metrics"] == {"loss": 0.25}
+    assert done["iterations"][0]["trainingJob"] == "tiny-i1-train-r1"
 
 
 async def test_unsafe_spec_changes_are_rejected_and_safe_ones_applied(kube: KubeAPI, operator: Any) -> None:

@@ -24,7 +24,7 @@ import kopf
 
 from spin_core.spec import Placement, PodSettings, SpinRun
 from spin_operator.config import Config
-from spin_operator.kube import JOBS, PYTORCHJOBS, Kind
+from spin_operator.kube import JOBS, PYTORCHJOBS, TRAINJOBS, Kind
 
 Step = Literal["generate", "train", "evaluate"]
 
@@ -44,13 +44,28 @@ SPEC_FILE = "run.json"
 SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
 GENERATE_CONTAINER = "generate"
 TRAIN_CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
+TRAINJOB_CONTAINER = "node"  # Kubeflow Trainer v2 runtimes' training container (replicated job "node")
 EVALUATE_CONTAINER = "evaluate"
 GPU = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 EPHEMERAL_STORAGE = "ephemeral-storage"
 
-KIND_OF: dict[str, Kind] = {"generate": JOBS, "train": PYTORCHJOBS, "evaluate": JOBS}
+KINDS: dict[str, Kind] = {k.kind: k for k in (JOBS, PYTORCHJOBS, TRAINJOBS)}
+
+
+def kind_of(run: SpinRun, step: Step) -> Kind:
+    """What a step's child is: a batch/v1 Job, a PyTorchJob, or (training.runtime set) a Trainer v2 TrainJob."""
+    if step != "train":
+        return JOBS
+    return TRAINJOBS if run.spec.training.runtime else PYTORCHJOBS
+
+
+def train_container(kind: Kind) -> str:
+    """The container whose termination message carries the trainer's summary."""
+    return TRAINJOB_CONTAINER if kind is TRAINJOBS else TRAIN_CONTAINER
+
+
 SHORT = {"generate": "gen", "train": "train", "evaluate": "eval"}
 COMPONENT = {"generate": "generator", "train": "trainer", "evaluate": "evaluator"}
 
@@ -477,6 +492,65 @@ def training_job(
     return _adopt(obj, owner_body, {**_queue(run), **labels})
 
 
+def trainjob(
+    run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
+) -> dict[str, Any]:
+    """The Kubeflow Trainer v2 TrainJob of one iteration's training (training.runtime names the
+    ClusterTrainingRuntime, e.g. torch-distributed, which sets the PET_* rendezvous variables torchrun reads).
+
+    Trainer v2.0's TrainJob takes the image, command, nodes, processes, resources and env, and per-pod overrides of
+    the ServiceAccount, node selector, tolerations, volumes and mounts; the rest of the pod (security context,
+    restart and failure policy, affinity, priority class, pull secrets) comes from the runtime."""
+    train = run.spec.training
+    pods = pod_settings(run, "train", config)
+    labels = _labels(run, iteration, "train", attempt)
+    env, env_from = _env(run, pods)
+    volumes, mounts = _volumes(run, pods)
+    if env_from:  # TrainJob env takes no envFrom: each credential key by reference
+        secret = env_from[0]["secretRef"]["name"]
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    override: dict[str, Any] = {
+        "targetJobs": [{"name": TRAINJOB_CONTAINER}],
+        "volumes": volumes,
+        "containers": [{"name": TRAINJOB_CONTAINER, "volumeMounts": mounts}],
+    }
+    if pods.service_account_name:
+        override["serviceAccountName"] = pods.service_account_name
+    if pods.node_selector:
+        override["nodeSelector"] = dict(pods.node_selector)
+    if pods.tolerations:
+        override["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in pods.tolerations]
+    obj = {
+        "apiVersion": TRAINJOBS.api_version,
+        "kind": TRAINJOBS.kind,
+        "metadata": {
+            "name": child_name(run.metadata.name, iteration, "train", attempt),
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(run)},
+        },
+        "spec": {
+            "runtimeRef": {"name": train.runtime, "apiGroup": TRAINJOBS.group, "kind": "ClusterTrainingRuntime"},
+            "trainer": {
+                "image": train.image or config.trainer_image,
+                "command": ["torchrun"],
+                "args": ["--no-python", "spin", "train", "--spec", SPEC_PATH, "--iteration", str(iteration)],
+                "env": env,
+                "numNodes": train.nodes,
+                "numProcPerNode": train.processes_per_node,
+                "resourcesPerNode": _resources(train, pods, config.trainer_resources, train.gpus_per_node),
+            },
+            # Labels and annotations of the JobSet and its Jobs (and so of the pods' owners).
+            "labels": {**pods.pod_labels, **labels},
+            **({"annotations": dict(pods.pod_annotations)} if pods.pod_annotations else {}),
+            "podSpecOverrides": [override],
+            "suspend": suspend or bool(run.spec.queue_name),
+        },
+    }
+    return _adopt(obj, owner_body, {**_queue(run), **labels})
+
+
 def evaluation_job(
     run: SpinRun, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config, suspend: bool = False
 ) -> dict[str, Any]:
@@ -488,10 +562,18 @@ def evaluation_job(
     )
 
 
-BUILD = {"generate": generation_job, "train": training_job, "evaluate": evaluation_job}
+def build(run: SpinRun, step: Step, owner_body: dict[str, Any], iteration: int, attempt: int, config: Config):
+    """The child of `step` for an iteration's attempt."""
+    if step == "generate":
+        return generation_job(run, owner_body, iteration, attempt, config)
+    if step == "evaluate":
+        return evaluation_job(run, owner_body, iteration, attempt, config)
+    if run.spec.training.runtime:
+        return trainjob(run, owner_body, iteration, attempt, config)
+    return training_job(run, owner_body, iteration, attempt, config)
 
 
-def suspend_patch(step: Step, suspend: bool) -> dict[str, Any]:
+def suspend_patch(kind: Kind, suspend: bool) -> dict[str, Any]:
     """The merge patch that suspends (True) or resumes (False) a child, marking it as suspended by the operator."""
-    spec = {"suspend": suspend} if KIND_OF[step] is JOBS else {"runPolicy": {"suspend": suspend}}
+    spec = {"runPolicy": {"suspend": suspend}} if kind is PYTORCHJOBS else {"suspend": suspend}
     return {"metadata": {"annotations": {SUSPENDED_BY_ANNOTATION: OPERATOR if suspend else None}}, "spec": spec}

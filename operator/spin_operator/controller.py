@@ -32,17 +32,20 @@ from spin_core.spec import SpinRun
 from spin_operator import changes, children, metrics, policy
 from spin_operator import status as st_
 from spin_operator.config import Config
-from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, ApiError, Kube
+from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, TRAINJOBS, ApiError, Kube
 from spin_operator.observe import Child, children_of, input_error, pod_problem, pods_of, termination_summary
 
 logger = logging.getLogger("spin_operator")
 
 Key = tuple[str, str]
 STEP_WORD = {"generate": "generation", "train": "training", "evaluate": "evaluation"}
-WHAT = {"generate": "Job", "train": "PyTorchJob", "evaluate": "Job"}
 JOB_FIELD = {"generate": "generationJob", "train": "trainingJob", "evaluate": "evaluationJob"}
 FAILURE_REASON = {"generate": "GenerationFailed", "train": "TrainingFailed", "evaluate": "EvaluationFailed"}
 CHILD_FAILURE_REASONS = (*FAILURE_REASON.values(), "InvalidInput")
+NOT_BUILT_IN = {
+    PYTORCHJOBS: "install the Kubeflow Training Operator (v1)",
+    TRAINJOBS: "install Kubeflow Trainer v2, or leave spec.training.runtime empty to use PyTorchJobs",
+}
 
 
 class Blocked(Exception):
@@ -144,6 +147,7 @@ class Controller:
         self.jobs: Mapping[Key, Any] = {}
         self.pytorchjobs: Mapping[Key, Any] = {}
         self.pods: Mapping[Key, Any] = {}
+        self.trainjobs: Mapping[Key, Any] = {}
         self._context: contextvars.Context | None = None
         self._dirty: set[Key] = set()
         self._woken: dict[Key, float] = {}
@@ -161,10 +165,12 @@ class Controller:
         jobs: Mapping[Key, Any],
         pytorchjobs: Mapping[Key, Any],
         pods: Mapping[Key, Any] | None = None,
+        trainjobs: Mapping[Key, Any] | None = None,
     ) -> None:
         """Take kopf's live indexes, and the handler context kopf's event posting needs, from a handler call."""
         self.spinruns, self.jobs, self.pytorchjobs = spinruns, jobs, pytorchjobs
         self.pods = pods if pods is not None else {}
+        self.trainjobs = trainjobs if trainjobs is not None else {}
         if self._context is None:
             self._context = contextvars.copy_context()
 
@@ -508,15 +514,15 @@ class Controller:
 
     def _children(self, key: Key, state: RunState) -> list[Child]:
         jobs = [b for b in self.jobs.get(key, ()) or ()]
-        pytorchjobs = [b for b in self.pytorchjobs.get(key, ()) or ()]
-        seen = {b.get("metadata", {}).get("name") for b in jobs + pytorchjobs}
+        training = [b for index in (self.pytorchjobs, self.trainjobs) for b in index.get(key, ()) or ()]
+        seen = {b.get("metadata", {}).get("name") for b in jobs + training}
         for created in list(state.created):
             if created in seen:
                 del state.created[created]  # the watch has caught up
         for body in state.created.values():
-            (jobs if body.get("kind") == "Job" else pytorchjobs).append(body)
+            (jobs if body.get("kind") == "Job" else training).append(body)
         state.deleted &= seen
-        kids = children_of(state.uid, jobs, pytorchjobs)
+        kids = children_of(state.uid, jobs, training)
         return [c for c in kids if c.name not in state.deleted]
 
     def _current(self, state: RunState, kids: list[Child], t: int, step: children.Step) -> Child | None:
@@ -616,7 +622,7 @@ class Controller:
         child = current.get((t, kind))
         n = run.spec.iterations
         word = STEP_WORD[kind]
-        what = WHAT[kind]
+        what = children.kind_of(run, kind).kind
         state.status["iteration"] = t
         state.status["progress"] = f"{t}/{n}"
 
@@ -683,7 +689,10 @@ class Controller:
         namespace = body["metadata"]["namespace"]
         try:
             await self.kube.patch(
-                children.KIND_OF[child.step], namespace, child.name, children.suspend_patch(child.step, suspend)
+                children.KINDS[child.kind],
+                namespace,
+                child.name,
+                children.suspend_patch(children.KINDS[child.kind], suspend),
             )
         except ApiError as e:
             if e.status != 404:
@@ -702,15 +711,15 @@ class Controller:
         attempt: int,
     ) -> None:
         namespace = body["metadata"]["namespace"]
-        obj = children.BUILD[step](run, body, t, attempt, self.config)
+        obj = children.build(run, step, body, t, attempt, self.config)
         name = obj["metadata"]["name"]
-        kind = children.KIND_OF[step]
+        kind = children.kind_of(run, step)
         try:
             created = await self.kube.create(kind, namespace, obj)
         except ApiError as e:
-            if e.status == 404 and kind is PYTORCHJOBS:
+            if e.status == 404 and kind in NOT_BUILT_IN:
                 raise Blocked(
-                    "kubeflow.org/v1 PyTorchJob is not served by this cluster: install the Kubeflow Training Operator"
+                    f"{kind.api_version} {kind} is not served by this cluster: {NOT_BUILT_IN[kind]}"
                 ) from None
             if e.status != 409:
                 raise
@@ -778,7 +787,7 @@ class Controller:
         namespace = key[0]
         t, step = child.iteration, child.step
         rec = st_.record(state.status, t)
-        what = WHAT[step]
+        what = child.kind
         note, bad_input = await self._failure_note(state, namespace, child)
         reason = f"{what} {child.name} failed: {child.message}" + (f"; {note}" if note else "")
         retries = rec.get(f"{step}Retries", 0)
@@ -815,7 +824,7 @@ class Controller:
         rec[f"{step}Retries"] = retries + 1
         rec["retries"] = sum(rec.get(f"{k}Retries", 0) for k in STEP_WORD)
         await self._write(key, state)
-        if await self.kube.delete(children.KIND_OF[step], namespace, child.name):
+        if await self.kube.delete(children.KINDS[child.kind], namespace, child.name):
             state.deleted.add(child.name)
         metrics.CHILD_RETRIES.labels(step=step).inc()
         await self._create(state, run, body, t, step, retries + 1)
@@ -840,8 +849,8 @@ class Controller:
         note, bad_input = "", False
         try:
             if child.step == "train":
-                pods = [await self._master_pod(namespace, child.name)]
-                container = children.TRAIN_CONTAINER
+                pods = [await self._master_pod(namespace, child)]
+                container = children.train_container(children.KINDS[child.kind])
             else:
                 pods = await self.kube.list(PODS, namespace, {"batch.kubernetes.io/job-name": child.name})
                 container = children.GENERATE_CONTAINER if child.step == "generate" else children.EVALUATE_CONTAINER
@@ -857,16 +866,30 @@ class Controller:
         state.failure_notes[child.name] = (note, bad_input)
         return note, bad_input
 
-    async def _master_pod(self, namespace: str, job: str) -> dict[str, Any] | None:
+    async def _master_pod(self, namespace: str, child: Child) -> dict[str, Any] | None:
+        """The pod of rank 0's node: a PyTorchJob's Master, or a TrainJob's first pod of its "node" replicated
+        job (JobSet labels); the one whose termination message carries the trainer's summary."""
+        if child.kind == TRAINJOBS.kind:
+            pods = await self.kube.list(
+                PODS,
+                namespace,
+                {
+                    "jobset.sigs.k8s.io/jobset-name": child.name,
+                    "jobset.sigs.k8s.io/replicatedjob-name": children.TRAINJOB_CONTAINER,
+                    "jobset.sigs.k8s.io/job-index": "0",
+                    "batch.kubernetes.io/job-completion-index": "0",
+                },
+            )
+            return pods[0] if pods else None
         try:
-            return await self.kube.get(PODS, namespace, children.master_pod_name(job))
+            return await self.kube.get(PODS, namespace, children.master_pod_name(child.name))
         except ApiError as e:
             if e.status != 404:
                 raise
         pods = await self.kube.list(
             PODS,
             namespace,
-            {"training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type": "master"},
+            {"training.kubeflow.org/job-name": child.name, "training.kubeflow.org/replica-type": "master"},
         )
         return pods[0] if pods else None
 
@@ -906,8 +929,10 @@ class Controller:
         if "summary" in rec:
             return
         namespace = run.metadata.namespace or ""
-        pod = await self._master_pod(namespace, child.name)
-        metrics_, checkpoint, line = termination_summary(pod or {}, children.TRAIN_CONTAINER)
+        pod = await self._master_pod(namespace, child)
+        metrics_, checkpoint, line = termination_summary(
+            pod or {}, children.train_container(children.KINDS[child.kind])
+        )
         rec["metrics"] = metrics_
         rec["checkpoint"] = checkpoint or checkpoint_uri(run, t)
         rec["summary"] = line or "unavailable: the Master pod has no termination message"
@@ -920,7 +945,7 @@ class Controller:
             now_child = current.get((kid.iteration, kid.step))
             if now_child is not None and kid.attempt < now_child.attempt and not kid.deleting:
                 namespace = (kid.body.get("metadata") or {}).get("namespace", "")
-                await self.kube.delete(children.KIND_OF[kid.step], namespace, kid.name)
+                await self.kube.delete(children.KINDS[kid.kind], namespace, kid.name)
                 state.deleted.add(kid.name)
 
     def _set_phase(

@@ -23,6 +23,7 @@ logger = logging.getLogger("spin_operator")
 SPINRUNS = (s.GROUP, s.VERSION, s.PLURAL)
 JOBS = ("batch", "v1", "jobs")
 PYTORCHJOBS = ("kubeflow.org", "v1", "pytorchjobs")
+TRAINJOBS = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 PODS = ("", "v1", "pods")
 OURS = {RUN_LABEL: kopf.PRESENT}
 
@@ -100,6 +101,13 @@ async def pytorchjob_index(
     return {(namespace, labels[RUN_LABEL]): _snapshot(body)}
 
 
+@kopf.index(*TRAINJOBS, labels=OURS)
+async def trainjob_index(
+    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(namespace, labels[RUN_LABEL]): _snapshot(body)}
+
+
 @kopf.index(*PODS, labels=OURS)
 async def pod_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict]:
     """The children's pods (their templates carry the run label): what a stuck pod waits for."""
@@ -108,7 +116,13 @@ async def pod_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: A
 
 def _bound(memo: Any, kwargs: dict[str, Any]) -> Controller:
     ctrl = controller(memo)
-    ctrl.bind(kwargs["spinrun_index"], kwargs["job_index"], kwargs["pytorchjob_index"], kwargs["pod_index"])
+    ctrl.bind(
+        kwargs["spinrun_index"],
+        kwargs["job_index"],
+        kwargs["pytorchjob_index"],
+        kwargs["pod_index"],
+        kwargs["trainjob_index"],
+    )
     return ctrl
 
 
@@ -128,6 +142,11 @@ async def job_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: 
 
 @kopf.on.event(*PYTORCHJOBS, labels=OURS)
 async def pytorchjob_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    _bound(memo, kwargs).child_changed((namespace, labels[RUN_LABEL]), body)
+
+
+@kopf.on.event(*TRAINJOBS, labels=OURS)
+async def trainjob_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     _bound(memo, kwargs).child_changed((namespace, labels[RUN_LABEL]), body)
 
 

@@ -56,6 +56,7 @@ class Kind:
 SPINRUNS = Kind(s.GROUP, s.VERSION, s.PLURAL, s.KIND)
 JOBS = Kind("batch", "v1", "jobs", "Job")
 PYTORCHJOBS = Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+TRAINJOBS = Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 CONFIGMAPS = Kind("", "v1", "configmaps", "ConfigMap")
 PODS = Kind("", "v1", "pods", "Pod")
 

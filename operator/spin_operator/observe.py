@@ -47,6 +47,8 @@ class Child:
     """PyTorchJobs: when its pods last restarted in place (the Restarting condition's transition time)."""
     deleting: bool = False
     owner_uids: tuple[str, ...] = ()
+    kind: str = "Job"
+    """The child's kind: Job, PyTorchJob or TrainJob."""
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -100,6 +102,7 @@ def _identity(body: Mapping[str, Any], step: Step) -> dict[str, Any]:
         "deleting": bool(meta.get("deletionTimestamp")),
         "suspended_by_operator": (meta.get("annotations") or {}).get(SUSPENDED_BY_ANNOTATION) == OPERATOR,
         "owner_uids": tuple(str(r.get("uid")) for r in meta.get("ownerReferences") or [] if r.get("uid")),
+        "kind": str(body.get("kind") or "Job"),
         "body": body,
     }
 
@@ -185,19 +188,45 @@ def pytorchjob_child(body: Mapping[str, Any]) -> Child:
     return Child(**_identity(body, "train"), phase="Pending", suspended=suspended, started_at=started)
 
 
+def trainjob_child(body: Mapping[str, Any]) -> Child:
+    """A trainer.kubeflow.org/v1alpha1 TrainJob (Kubeflow Trainer v2): Complete / Failed / Suspended / running."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    conds = _conditions(body)
+    suspended = bool(spec.get("suspend"))
+    if "Complete" in conds:
+        return Child(
+            **_identity(body, "train"),
+            phase="Succeeded",
+            suspended=suspended,
+            finished_at=conds["Complete"].get("lastTransitionTime"),
+        )
+    if "Failed" in conds:
+        return Child(
+            **_identity(body, "train"),
+            phase="Failed",
+            suspended=suspended,
+            message=_describe(conds["Failed"]) or "the TrainJob failed",
+            finished_at=conds["Failed"].get("lastTransitionTime"),
+        )
+    if "Suspended" in conds:
+        return Child(**_identity(body, "train"), phase="Suspended", suspended=suspended)
+    running = any(j.get("active") or j.get("ready") for j in status.get("jobsStatus") or [])
+    return Child(**_identity(body, "train"), phase="Running" if running else "Pending", suspended=suspended)
+
+
 def children_of(
-    uid: str | None, jobs: Iterable[Mapping[str, Any]], pytorchjobs: Iterable[Mapping[str, Any]]
+    uid: str | None, jobs: Iterable[Mapping[str, Any]], training: Iterable[Mapping[str, Any]]
 ) -> list[Child]:
-    """The run's children: labelled for it and owned by this incarnation of it (a same-named predecessor's
-    leftovers, still waiting for garbage collection, are not ours)."""
+    """The run's children (batch Jobs; PyTorchJobs and TrainJobs): labelled for it and owned by this incarnation of
+    it (a same-named predecessor's leftovers, still waiting for garbage collection, are not ours)."""
     out = []
     for body in jobs:
         step = (body.get("metadata", {}).get("labels") or {}).get(STEP_LABEL)
         if step in ("generate", "evaluate"):
             out.append(job_child(body, step))
-    for body in pytorchjobs:
+    for body in training:
         if (body.get("metadata", {}).get("labels") or {}).get(STEP_LABEL) == "train":
-            out.append(pytorchjob_child(body))
+            out.append(trainjob_child(body) if body.get("kind") == "TrainJob" else pytorchjob_child(body))
     return [c for c in out if c.iteration >= 1 and (not c.owner_uids or uid is None or uid in c.owner_uids)]
 
 
