@@ -30,7 +30,9 @@ MAX_ATTEMPTS_SUFFIX = "-r9"
 # The longest name the Training Operator derives from a run's: the Service and pod of its last Worker,
 # "<run>-i100-train-r9-worker-1022", must be a DNS-1035 label (at most 63 characters).
 MAX_NAME_LENGTH = 63 - len(f"-i{MAX_ITERATIONS}-train{MAX_ATTEMPTS_SUFFIX}-worker-1022")
-INT64_MAX = 2**63 - 1
+# The largest integer bound a CRD can state: kube-apiserver holds `maximum` as a float64 and refuses the CRD when it
+# is not an exact integer ("Maximum boundary value must be of type integer"), which 2**63 - 1 is not.
+MAX_INTEGER = 2**53 - 1
 SEED_MAX = 2**32 - 1  # numpy and vLLM take 32-bit seeds
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
@@ -127,7 +129,7 @@ class Toleration(Spec):
     """Taint value to match with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches every effect."""
-    toleration_seconds: int | None = Field(default=None, ge=0, le=INT64_MAX)
+    toleration_seconds: int | None = Field(default=None, ge=0, le=MAX_INTEGER)
     """With effect NoExecute: how long the pod stays bound after the taint appears; empty means forever."""
 
 
@@ -261,7 +263,7 @@ class PodSettings(Spec):
     scratch_claim: str | None = Field(default=None, max_length=253, pattern=DNS1123_SUBDOMAIN)
     """A PersistentVolumeClaim to use as /scratch instead of an emptyDir (must be ReadWriteMany when several pods
     run at once)."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    active_deadline_seconds: int | None = Field(default=None, ge=1, le=MAX_INTEGER)
     """Fail the step's Job or PyTorchJob when it has been active this long (e.g. pods stuck pending); the operator
     then retries it like any failure. Empty: no deadline."""
 
@@ -299,7 +301,7 @@ class Dataset(Spec):
     """Column holding the prompt (format: prompt-response)."""
     response_field: str = Field(default="response", min_length=1)
     """Column holding the human answer (format: prompt-response)."""
-    max_samples: int = Field(default=0, ge=0, le=INT64_MAX)
+    max_samples: int = Field(default=0, ge=0, le=MAX_INTEGER)
     """Use only the first N rows; 0 means all."""
     on_bad_row: Literal["fail", "skip"] = "fail"
     """fail: stop with the file and line of the first bad row; skip: drop and count bad rows."""
@@ -354,7 +356,7 @@ class Lora(Spec):
 
     r: int = Field(default=16, ge=1, le=65_536)
     """Rank of the adapter matrices."""
-    alpha: int = Field(default=32, ge=1, le=INT64_MAX)
+    alpha: int = Field(default=32, ge=1, le=MAX_INTEGER)
     """Scaling numerator: the adapter's update is multiplied by alpha / r."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Dropout on the adapter's input."""
@@ -421,7 +423,7 @@ class Training(Placement):
     """auto is bfloat16 on GPU, float32 on CPU."""
     seed: int = Field(default=42, ge=0, le=SEED_MAX)
     """Shuffling and initialisation seed."""
-    checkpoint_every_steps: int = Field(default=50, ge=1, le=INT64_MAX)
+    checkpoint_every_steps: int = Field(default=50, ge=1, le=MAX_INTEGER)
     """Save a resumable training state to the store every N optimizer steps."""
     nodes: int = Field(default=1, ge=1, le=1024)
     """Nodes of the PyTorchJob (one Master, nodes-1 Workers)."""
@@ -528,7 +530,7 @@ class Evaluation(Spec):
     """Share of the dataset held out (chosen by a hash of each prompt id; never generated for nor trained on)."""
     dataset: Dataset | None = None
     """A separate held-out dataset instead of heldoutFraction."""
-    max_samples: int = Field(default=256, ge=1, le=INT64_MAX)
+    max_samples: int = Field(default=256, ge=1, le=MAX_INTEGER)
     """Evaluate at most this many held-out prompts."""
     scorer: str | None = Field(default=None, pattern=SCORER)
     """Task scorer as module:function(prompt, reference, generated) -> number, e.g. spin_core.demo:score."""
