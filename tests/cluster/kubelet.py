@@ -7,9 +7,9 @@ Nothing on the test machine runs containers, so this program does what a kubelet
   certificate (`system:node:<name>`), so the Node authorizer and NodeRestriction judge every call it makes;
 - watches the pods the scheduler bound to its nodes and runs each container as a local process
   (tests/cluster/shim.py): the image's ENV, USER and WORKDIR read from images/*/Dockerfile, command/args as given
-  with `spin`, `python`, `torchrun` resolved in the project's .venv, env with valueFrom/envFrom, volumes (configMap,
-  secret, emptyDir, downwardAPI, hostPath, projected ServiceAccount token + ca.crt + namespace) bind-mounted at their
-  mountPath, /dev/termination-log from a per-container file;
+  with `spin`, `python`, `torchrun` resolved in the project's .venv, env (value, valueFrom fieldRef, secretKeyRef,
+  configMapKeyRef, envFrom), volumes (configMap, secret, emptyDir, projected ServiceAccount token + ca.crt +
+  namespace) bind-mounted at their mountPath, /dev/termination-log from a per-container file;
 - writes pod status through the API as the kubelet does: Pending -> Running -> Succeeded/Failed, container states
   with exit codes, reasons and termination messages (FallbackToLogsOnError included), pod conditions, restarts with
   restartCount (OnFailure/Always), httpGet/tcpSocket startup, readiness and liveness probes;
@@ -23,8 +23,8 @@ cluster DNS, so env vars naming a master host (MASTER_ADDR, PET_MASTER_ADDR) are
 Training Operator's `init-pytorch` container (an alpine `nslookup <master>` loop) succeeds once that Service exists;
 KUBERNETES_SERVICE_HOST/PORT point at the test apiserver; the CPU stand-ins of STAND_IN_ENV replace GPUs. Not done:
 images' filesystems (the process sees the host's; the image's HOME/WORKDIR are per-container folders), resource
-limits, cgroups, exec probes, service-link env vars, `kubectl logs/exec` (logs are files under the kubelet's root),
-persistent volumes, token refresh.
+limits, cgroups, exec probes, service-link env vars, resourceFieldRef, `kubectl logs/exec` (logs are files under the
+kubelet's root), other volume types (hostPath, downwardAPI, persistent volumes), token refresh.
 """
 
 from __future__ import annotations
@@ -826,28 +826,21 @@ class Kubelet:
                 self.write_file(target / key, content, mode)
 
     def field_value(self, worker: PodWorker, field_path: str) -> str:
-        pod, meta = worker.pod, worker.pod["metadata"]
+        meta = worker.pod["metadata"]
         match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", field_path)
         if match:
             return (meta.get(match.group(1)) or {}).get(match.group(2), "")
-        simple = {
+        values = {
             "metadata.name": meta["name"],
             "metadata.namespace": meta["namespace"],
             "metadata.uid": meta["uid"],
-            "spec.nodeName": pod["spec"].get("nodeName", ""),
-            "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-            "status.hostIP": POD_IP,
-            "status.hostIPs": POD_IP,
-            "status.podIP": POD_IP,
-            "status.podIPs": POD_IP,
+            "spec.nodeName": worker.pod["spec"].get("nodeName", ""),
+            "spec.serviceAccountName": worker.pod["spec"].get("serviceAccountName", ""),
+            **dict.fromkeys(("status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs"), POD_IP),
         }
-        if field_path == "metadata.labels":
-            return "\n".join(f'{k}="{v}"' for k, v in sorted((meta.get("labels") or {}).items()))
-        if field_path == "metadata.annotations":
-            return "\n".join(f'{k}="{v}"' for k, v in sorted((meta.get("annotations") or {}).items()))
-        if field_path not in simple:
-            raise ContainerConfigError(f"unsupported fieldPath: {field_path}")
-        return simple[field_path]
+        if field_path not in values:
+            raise ContainerConfigError(f"unsupported fieldPath: {field_path} (stand-in kubelet)")
+        return values[field_path]
 
     def service_account_token(self, worker: PodWorker, source: dict[str, Any]) -> bytes:
         sa = worker.pod["spec"].get("serviceAccountName") or "default"
@@ -872,11 +865,6 @@ class Kubelet:
         for volume in worker.pod["spec"].get("volumes") or []:
             name = volume["name"]
             target = worker.dir / "volumes" / name
-            if "hostPath" in volume:
-                paths[name] = Path(volume["hostPath"]["path"])
-                if volume["hostPath"].get("type") == "DirectoryOrCreate":
-                    paths[name].mkdir(parents=True, exist_ok=True)
-                continue
             if target.exists():
                 shutil.rmtree(target)
             target.mkdir(parents=True)
@@ -906,10 +894,6 @@ class Kubelet:
                             self.write_file(target / item["path"], value.encode(), item.get("mode", mode))
                     else:
                         raise VolumeError(f"volume {name}: projected source {sorted(source)} not supported (stand-in)")
-            elif "downwardAPI" in volume:
-                for item in volume["downwardAPI"].get("items") or []:
-                    value = self.field_value(worker, item["fieldRef"]["fieldPath"])
-                    self.write_file(target / item["path"], value.encode(), item.get("mode", 0o644))
             else:
                 kinds = sorted(k for k in volume if k != "name")
                 raise VolumeError(f"volume {name}: {kinds} volumes are not supported by the stand-in kubelet")
@@ -946,8 +930,6 @@ class Kubelet:
             source = var["valueFrom"]
             if "fieldRef" in source:
                 env[var["name"]] = self.field_value(worker, source["fieldRef"]["fieldPath"])
-            elif "resourceFieldRef" in source:
-                env[var["name"]] = self.resource_value(c, source["resourceFieldRef"])
             else:
                 kind = "configMap" if "configMapKeyRef" in source else "secret"
                 ref = source.get("configMapKeyRef") or source.get("secretKeyRef") or {}
@@ -967,15 +949,6 @@ class Kubelet:
             if name in env and not re.fullmatch(r"[\d.]+|[\da-fA-F:]+", env[name]):
                 env[name] = POD_IP  # stand-in for cluster DNS: the master's Service resolves to this machine
         return env
-
-    @staticmethod
-    def resource_value(c: Container, ref: dict[str, Any]) -> str:
-        kind, _, name = ref["resource"].partition(".")
-        value = str(((c.spec.get("resources") or {}).get(kind) or {}).get(name, "0"))
-        if name == "cpu":
-            cores = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-            return str(max(1, int(-(-cores // 1))))
-        return value
 
     def container_spec(self, worker: PodWorker, c: Container, image: Image) -> dict[str, Any]:
         spec, pod_spec = c.spec, worker.pod["spec"]
