@@ -22,7 +22,15 @@ from spin_core import spec
 from tests.cluster.api import Api, ApiError, Credentials
 from tests.cluster.controlplane import free_ports
 from tests.fixtures.cluster import Cluster
-from tests.test_cluster_crd import CRD_NAME, INT64_MAXIMUM_REJECTION, delete_crd, established, without_int64_maximum
+from tests.test_cluster_crd import (
+    CRD_NAME,
+    INT64_MAXIMUM_REJECTION,
+    delete_crd,
+    established,
+    spinruns_path,
+    tiny_spinrun,
+    without_int64_maximum,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -152,3 +160,30 @@ def test_the_operator_pod_is_what_the_chart_says(cluster: Cluster, release: dict
     spec_file = cluster.kubelet_root / "pods" / pod["metadata"]["uid"] / "containers" / "operator" / "spec-0.json"
     process = json.loads(spec_file.read_text())
     assert process["uid"] == 10001 and Path(process["argv"][0]).name == "spin"
+
+
+def test_the_operator_acts_on_a_spinrun_as_its_service_account(
+    cluster: Cluster, release: dict[str, Any], cluster_namespace: str
+) -> None:
+    """A SpinRun in another namespace: the operator, as its ServiceAccount, writes the run's status and creates its
+    first children (whatever becomes of their pods), and none of its API calls is refused by RBAC."""
+    ns = release["namespace"]
+    cluster.api.wait_for("the operator Deployment to be Available", lambda: available(cluster, ns), timeout=180,
+                         describe=lambda: cluster.describe(ns))  # fmt: skip
+    run = tiny_spinrun(cluster_namespace)
+    cluster.api.create(spinruns_path(cluster_namespace), run)
+    path = f"{spinruns_path(cluster_namespace)}/{run['metadata']['name']}"
+    cluster.api.wait_for(
+        "the operator to write the SpinRun's status",
+        lambda: (cluster.api.get(path).get("status") or {}).get("phase"),
+        timeout=120,
+        describe=lambda: cluster.describe(cluster_namespace) + "\n" + operator_log(cluster, ns)[-4000:],
+    )
+    jobs = cluster.api.get(f"/apis/batch/v1/namespaces/{cluster_namespace}/jobs")["items"]
+    log = operator_log(cluster, ns)
+    assert "Forbidden" not in log and "status=403" not in log, log[-4000:]
+    assert jobs, f"no child Job; status {cluster.api.get(path).get('status')}\n{log[-4000:]}"
+
+
+def operator_log(cluster: Cluster, namespace: str) -> str:
+    return cluster.container_log(namespace, operator_pod(cluster, namespace)["metadata"]["name"], "operator")
