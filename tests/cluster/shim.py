@@ -8,8 +8,9 @@ SPEC (written by the stand-in kubelet) holds `argv`, `env`, `cwd`, `uid`, `gid`,
 groups, and execs argv. No image filesystem, no network or PID namespace, no
 cgroups: the process sees the host's files and network.
 
-A mount target missing on the host is created there first (an empty directory or file, left in place: it is only a
-mount point; its contents exist inside the container's namespace alone).
+The container gets a private /dev (a tmpfs with the host's standard devices). Any other mount target missing on
+the host is created there first (an empty directory, left in place: only a mount point; its contents exist inside
+the container's namespace alone).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
+MS_NOSUID = 0x2
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
@@ -61,6 +63,25 @@ def _ensure_target(target: Path, is_dir: bool) -> None:
         target.touch(exist_ok=True)
 
 
+# A container's /dev as a runtime makes it: a fresh tmpfs with the host's standard devices bound in. (Then a
+# /dev/termination-log mount point exists in the container alone: on the host its existence would tell every local
+# `spin` process that it runs in a pod.)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue")
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}  # fmt: skip
+
+
+def _private_dev() -> None:
+    devices = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in DEVICES if os.path.exists(f"/dev/{name}")]
+    _mount("tmpfs", "/dev", MS_NOSUID, "tmpfs", "mode=755")
+    for name, fd in devices:
+        _ensure_target(Path("/dev") / name, os.path.isdir(f"/proc/self/fd/{fd}"))
+        _mount(f"/proc/self/fd/{fd}", f"/dev/{name}", MS_BIND | MS_REC)
+        os.close(fd)
+    for name, target in DEV_LINKS.items():
+        os.symlink(target, f"/dev/{name}")
+
+
 def enter(spec: dict) -> None:
     """Everything but the exec: namespace, mounts, user."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
@@ -71,6 +92,7 @@ def enter(spec: dict) -> None:
     for mount in sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts)):  # parents before children
         fd = os.open(mount["source"], os.O_PATH) if "source" in mount else -1
         sources.append((fd, mount, fd < 0 or os.path.isdir(mount["source"])))
+    _private_dev()
     for fd, mount, is_dir in sources:
         target = mount["target"]
         _ensure_target(Path(target), is_dir)
