@@ -237,3 +237,37 @@ def test_deleting_a_running_pod_stops_its_process(cluster: Cluster, cluster_name
         describe=lambda: cluster.describe(ns),
     )
     assert "got SIGTERM" in cluster.container_log(ns, "sleeper", "main")
+
+
+def test_on_failure_restarts_the_container_in_the_same_pod(cluster: Cluster, cluster_namespace: str) -> None:
+    """restartPolicy OnFailure: the container fails once (exit 7), the kubelet restarts it in the same pod (an
+    emptyDir keeps what the first run wrote), the second run succeeds: one pod, restartCount 1, lastState exit 7."""
+    ns = cluster_namespace
+    program = (
+        "import pathlib, sys\n"
+        "mark = pathlib.Path('/scratch/tried')\n"
+        "if not mark.exists():\n"
+        "    mark.write_text('once')\n"
+        "    sys.exit(7)\n"
+        "print('second run')\n"
+    )
+    body = job(
+        "retry",
+        ["python", "-c", program],
+        backoffLimit=3,
+        restartPolicy="OnFailure",
+        container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    cluster.api.create(f"/apis/batch/v1/namespaces/{ns}/jobs", body)
+    cluster.api.wait_for(
+        "Job retry to be Complete",
+        lambda: job_condition(cluster, ns, "retry", "Complete"),
+        timeout=120,
+        describe=lambda: cluster.describe(ns),
+    )
+    (pod,) = job_pods(cluster, ns, "retry")
+    (status,) = pod["status"]["containerStatuses"]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 7
+    assert status["state"]["terminated"]["exitCode"] == 0
