@@ -23,4 +23,10 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.models", "tests.fixtures.helm", "tests.fixtures.kube"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.models",
+    "tests.fixtures.helm",
+    "tests.fixtures.kube",
+    "tests.fixtures.cluster",
+]
