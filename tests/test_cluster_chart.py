@@ -17,20 +17,11 @@ from typing import Any
 
 import pytest
 
-from spin_core import crd as crd_module
 from spin_core import spec
 from tests.cluster.api import Api, ApiError, Credentials
 from tests.cluster.controlplane import free_ports
 from tests.fixtures.cluster import Cluster
-from tests.test_cluster_crd import (
-    CRD_NAME,
-    INT64_MAXIMUM_REJECTION,
-    delete_crd,
-    established,
-    spinruns_path,
-    tiny_spinrun,
-    without_int64_maximum,
-)
+from tests.test_cluster_crd import CRD_NAME, delete_crd, established, spinruns_path, tiny_spinrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -40,43 +31,24 @@ RELEASE = "spin"
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[dict[str, Any]]:
     """The chart installed with helm into a fresh namespace (the CRD from the chart's crds/, so any earlier copy is
-    deleted first); the health port is a free one (pods share the host's network here). Uninstalled afterwards.
-
-    While kube-apiserver refuses the chart's CRD (the INT64_MAX defect, tests/test_cluster_crd.py), helm install
-    fails at the CRD: then the CRD without those bounds is created and helm installs the rest (`--skip-crds`);
-    `crd_error` keeps helm's message."""
+    deleted first); the health port is a free one (pods share the host's network here). Uninstalled afterwards."""
     delete_crd(cluster)
     namespace = "spin-system"
     (port,) = free_ports(1)
-    install = ("install", RELEASE, "charts/spin-operator", "--namespace", namespace, "--create-namespace",
-               "--set", f"healthPort={port}")  # fmt: skip
-    done = cluster.helm(*install, check=False)
-    info: dict[str, Any] = {"namespace": namespace, "crd_error": ""}
-    if done.returncode and INT64_MAXIMUM_REJECTION in done.stderr:
-        info["crd_error"] = done.stderr.strip()
-        cluster.api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", without_int64_maximum(crd_module.crd())
-        )
-        cluster.api.wait_for("the SpinRun CRD (workaround) to be Established", lambda: established(cluster))
-        done = cluster.helm(*install, "--skip-crds", check=False)
-    assert done.returncode == 0, done.stderr
-    info["output"] = done.stdout
+    done = cluster.helm(
+        "install", RELEASE, "charts/spin-operator", "--namespace", namespace, "--create-namespace",
+        "--set", f"healthPort={port}",
+    )  # fmt: skip
     try:
-        yield info
+        yield {"namespace": namespace, "output": done.stdout}
     finally:
         cluster.helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "2m", check=False)
         cluster.api.delete(f"/api/v1/namespaces/{namespace}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: helm install fails: 'failed to install CRD crds/spinruns.selfplay.dev.yaml: ... Maximum boundary "
-    "value must be of type integer (default format) in checkpointEverySteps' (INT64_MAX maxima, spin_core/spec.py)",
-)
 def test_helm_install_creates_the_charts_crd(cluster: Cluster, release: dict[str, Any]) -> None:
     """helm install, on a cluster without the CRD, creates it from the chart's crds/ and it is Established."""
-    assert not release["crd_error"], release["crd_error"]
-    assert established(cluster, CRD_NAME)
+    cluster.api.wait_for("the chart's CRD to be Established", lambda: established(cluster, CRD_NAME), timeout=60)
 
 
 def deployment(cluster: Cluster, namespace: str) -> dict[str, Any]:
