@@ -17,13 +17,11 @@ import math
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
-import yaml
 from spin_operator import children
 from spin_operator.config import Config
 from spin_operator.controller import Controller, RunState
@@ -34,85 +32,8 @@ from spin_core import spec as s
 from spin_core.resource import parse
 from tests.cluster.api import ApiError as ClusterApiError
 from tests.fixtures.cluster import Cluster
-from tests.fixtures.kube import start_operator
-from tests.test_cluster_crd import established
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
-ROOT = Path(__file__).resolve().parent.parent
-OPERATOR_NS = "spin-system"
-CRD = f"{s.PLURAL}.{s.GROUP}"
-
-
-# -- fixtures ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def crd(cluster: Cluster) -> None:
-    """The SpinRun CRD, as `kubectl apply -f manifests/crd/` makes it."""
-    cluster.kubectl("apply", "-f", "manifests/crd/")
-    cluster.api.wait_for("the SpinRun CRD to be Established", lambda: established(cluster))
-    cluster.api.wait_for("spinruns to be served", lambda: cluster.api.get(f"/apis/{s.GROUP}/{s.VERSION}/spinruns"))
-
-
-@pytest.fixture(scope="module")
-def operator_kubeconfig(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A kubeconfig holding a token of the chart's ServiceAccount, bound by the chart's own (cluster-wide) RBAC: what
-    the operator pod would hold. The operator runs in this process with it."""
-    rendered = cluster.helm("template", "spin", "charts/spin-operator", "--namespace", OPERATOR_NS).stdout
-    objects = [o for o in yaml.safe_load_all(rendered) if o and o["kind"] in RBAC_KINDS]
-    if not cluster.api.find(f"/api/v1/namespaces/{OPERATOR_NS}"):
-        cluster.api.create("/api/v1/namespaces", {"metadata": {"name": OPERATOR_NS}})
-    created = []
-    for obj in objects:
-        path = object_path(obj)
-        cluster.api.delete(f"{path}/{obj['metadata']['name']}")
-        created.append((path, cluster.api.create(path, obj)))
-    sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
-    token = cluster.api.create(
-        f"/api/v1/namespaces/{OPERATOR_NS}/serviceaccounts/{sa}/token", {"spec": {"expirationSeconds": 86400}}
-    )["status"]["token"]
-    config = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "operator",
-                "clusters": [
-                    {
-                        "name": "test",
-                        "cluster": {"server": cluster.server, "certificate-authority": str(cluster.ca_file)},
-                    }
-                ],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": "test", "user": "operator"}}],
-            }
-        )
-    )
-    yield config
-    for path, obj in reversed(created):
-        cluster.api.delete(f"{path}/{obj['metadata']['name']}")
-
-
-RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-
-
-def object_path(obj: dict[str, Any]) -> str:
-    if obj["kind"] == "ServiceAccount":
-        return f"/api/v1/namespaces/{obj['metadata']['namespace']}/serviceaccounts"
-    return f"/apis/rbac.authorization.k8s.io/v1/{obj['kind'].lower()}s"
-
-
-@pytest_asyncio.fixture()
-async def operator(operator_kubeconfig: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    """spin_operator (kopf, every handler) in this process, cluster-wide, as the chart's ServiceAccount."""
-    monkeypatch.setenv("KUBECONFIG", str(operator_kubeconfig))
-    running = await start_operator(
-        config=Config(retry_backoff=0.2, retry_backoff_max=1.0, error_backoff=0.5, max_retries=1), clusterwide=True
-    )
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
@@ -180,7 +101,7 @@ def built(cluster: Cluster, namespace: str, owner: dict[str, Any], step: str, **
 
 # -- 3. multi-node training starts ---------------------------------------------------------------------------------
 def test_3_a_workers_injected_init_container_runs_and_its_training_container_starts(
-    cluster: Cluster, crd: None, cluster_namespace: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str
 ) -> None:
     """The PyTorchJob as the operator builds it for 2 nodes: the Training Operator injects its root `init-pytorch`
     container into the Worker; without a pod-level runAsNonRoot it runs (the stand-in's nslookup loop), and the
@@ -226,7 +147,7 @@ def test_3_a_workers_injected_init_container_runs_and_its_training_container_sta
 
 # -- 4. names ------------------------------------------------------------------------------------------------------
 def test_4_a_run_name_the_training_operator_would_refuse_is_refused_at_apply(
-    cluster: Cluster, crd: None, cluster_namespace: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str
 ) -> None:
     """`7b-spin` (a valid DNS-1123 label) is refused by the CRD: its PyTorchJobs would be refused by the Training
     Operator's webhook (DNS-1035), and the run would never train."""
@@ -237,7 +158,7 @@ def test_4_a_run_name_the_training_operator_would_refuse_is_refused_at_apply(
 
 
 def test_4_b_the_longest_names_pass_the_webhook_and_name_the_replica_services(
-    cluster: Cluster, crd: None, cluster_namespace: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str
 ) -> None:
     """The longest allowed run name, at the last iteration and attempt: the webhook admits its PyTorchJob and the
     Training Operator creates its replica Services (63-character DNS-1035 labels)."""
@@ -261,7 +182,11 @@ def test_4_b_the_longest_names_pass_the_webhook_and_name_the_replica_services(
 
 # -- 5. non-finite metrics -------------------------------------------------------------------------------------------
 async def test_5_a_nan_metric_does_not_freeze_the_status(
-    cluster: Cluster, crd: None, cluster_namespace: str, operator_kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster,
+    spinrun_crd_applied: None,
+    cluster_namespace: str,
+    operator_kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The apiserver refuses a status patch holding NaN (the trainer's summary can carry one); the operator's
     status writer drops non-finite numbers, so this and every later write goes through."""
@@ -288,7 +213,7 @@ async def test_5_a_nan_metric_does_not_freeze_the_status(
 
 # -- 6. stuck pods -----------------------------------------------------------------------------------------------
 def test_6_stuck_pods_are_told_apart_from_running_ones_by_the_real_statuses(
-    cluster: Cluster, crd: None, cluster_namespace: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str
 ) -> None:
     """Generation Jobs as the operator builds them: with an image no registry has, and with a node selector no
     node matches. The Job controller counts both pods active (the child reads as running); the kubelet and the
@@ -328,7 +253,7 @@ def test_6_stuck_pods_are_told_apart_from_running_ones_by_the_real_statuses(
 
 # -- 7. Kueue -------------------------------------------------------------------------------------------------------
 async def test_7_a_child_held_by_another_controller_is_never_resumed(
-    cluster: Cluster, crd: None, cluster_namespace: str, operator: Any
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str, cluster_operator: Any
 ) -> None:
     """A queued run's generation Job is created suspended with Kueue's labels (the run's own kueue label is not
     copied) and stays so: the operator shows it waiting for admission. The test admits it (standing in for Kueue).
@@ -373,7 +298,7 @@ def waiting(cluster: Cluster, namespace: str) -> bool:
 
 # -- 8. a foreign ConfigMap ------------------------------------------------------------------------------------------
 async def test_8_a_foreign_configmap_of_the_runs_name_is_never_taken_over(
-    cluster: Cluster, crd: None, cluster_namespace: str, operator: Any
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str, cluster_operator: Any
 ) -> None:
     """Someone's ConfigMap named `<run>-spec`: the operator reports that the name is taken, changes nothing in it,
     creates no child, and deleting the run does not garbage-collect it."""
@@ -399,7 +324,7 @@ async def test_8_a_foreign_configmap_of_the_runs_name_is_never_taken_over(
 
 # -- 9. scratch storage -------------------------------------------------------------------------------------------
 def test_9_pods_get_a_scratch_volume_that_the_scheduler_and_kubelet_honour(
-    cluster: Cluster, crd: None, cluster_namespace: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str
 ) -> None:
     """Generation pods as built with scratchSize: the apiserver admits the emptyDir size limit and the
     ephemeral-storage request, the scheduler places the pod on a node with room, and every cache points there."""
@@ -449,7 +374,7 @@ def _exit_once(marker: Path, first: int) -> list[str]:
 
 @pytest.mark.parametrize(("first_exit", "outcome"), [(137, "Succeeded"), (1, "Failed")])
 def test_10_training_restarts_in_place_only_when_killed_by_a_signal(
-    cluster: Cluster, crd: None, cluster_namespace: str, marker_dir: Path, first_exit: int, outcome: str
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str, marker_dir: Path, first_exit: int, outcome: str
 ) -> None:
     """The PyTorchJob as built (restartPolicy ExitCode, no restartPolicy in the pod template), its container's
     command replaced by one that exits `first_exit` once and 0 the next time. 137 (killed: preemption, OOM): the real
