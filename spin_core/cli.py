@@ -78,10 +78,10 @@ def _run_job(fn, *args) -> None:
     except SpinError as e:
         message = str(e)
         write_termination_message(f"error: {message}")
-        write_error_file(e.exit_code, message, getattr(e, "uri", None))
+        if write_error_file(e.exit_code, message, getattr(e, "uri", None)):  # `spin run` says it, with the step
+            raise typer.Exit(e.exit_code) from None
         fail(message, e.exit_code)
     except KeyboardInterrupt:
-        write_error_file(INTERRUPTED, "interrupted; nothing was published")
         fail("interrupted; nothing was published", INTERRUPTED)
     except Exception as e:
         message = f"{type(e).__name__}: {e}".strip().splitlines()[0]

@@ -266,7 +266,9 @@ class LocalRunner:
             f"({training.processes_per_node} processes) · {self._elapsed()}"
         )
         for lock in clear_stale_build_locks():
-            self.console.print(f"[yellow]removed a stale build lock {lock}[/yellow] (left by a killed build)")
+            self.console.print(
+                f"[yellow]removed a stale build lock {lock}[/yellow] (left by a killed build)", soft_wrap=True
+            )
         job = ["-m", "spin_core", "train", "--spec", str(spec_file), "--iteration", str(step.iteration)]
         if training.processes_per_node == 1 and training.nodes == 1:
             argv = [self.python, *job]
@@ -409,15 +411,19 @@ def _read_error_file(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def write_error_file(code: int, message: str, artefact: str | None = None) -> None:
-    """A job's failure for the `spin run` that started it ($SPIN_ERROR_FILE; every rank may write the same)."""
+def write_error_file(code: int, message: str, artefact: str | None = None) -> bool:
+    """A job's failure for the `spin run` that started it ($SPIN_ERROR_FILE; every rank may write the same), which
+    prints it as its own last line; returns whether it was written."""
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
-        return
-    with contextlib.suppress(OSError):
+        return False
+    try:
         tmp = f"{path}.{os.getpid()}"
         Path(tmp).write_text(json.dumps({"exitCode": code, "message": message, "artefact": artefact}))
         os.replace(tmp, path)
+    except OSError:
+        return False
+    return True
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -79,6 +79,8 @@ class ChildGroup:
                 pass_fds=(read,),
                 process_group=0,
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # holds none of the caller's pipes open
+                stderr=subprocess.DEVNULL,
             )
         finally:
             os.close(read)

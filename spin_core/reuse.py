@@ -1,11 +1,11 @@
 """Which SpinRun fields may change when a run is continued in its existing storage folder.
 
 A storage folder belongs to one run (`run.json`, written by its first `spin run`). Running again continues it, so
-the artefacts already published must stay what the spec says they are. Fields that only say where or how the steps
-run, how long the run goes on or when it stops may change (`MAY_DIFFER`); so may the `schedule` entries of
-iterations that have not started training. Everything else (the name, the model, the data, every generation and
-training setting that shapes an artefact, the evaluation) must match. A folder that holds nothing but the claim
-accepts any spec: the run is claimed anew (see `spin_core.local.LocalRunner.claim_storage`).
+the artefacts already published must stay what the spec says they are. Fields that only say where the folder is,
+where or how the steps run, how long the run goes on or when it stops may change (`MAY_DIFFER`); so may the
+`schedule` entries of iterations that have not started training. Everything else (the name, the model, the data,
+every generation and training setting that shapes an artefact, the evaluation) must match. A folder that holds
+nothing but the claim accepts any spec: the run is claimed anew (see `spin_core.local.LocalRunner.claim_storage`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ MAY_DIFFER: tuple[str, ...] = (
     "metadata.annotations",
     "spec.iterations",
     "spec.suspend",
+    "spec.storage.uri",  # the folder may be moved or copied: what it holds is the run
     "spec.storage.endpoint",
     "spec.storage.region",
     "spec.storage.credentialsSecret",

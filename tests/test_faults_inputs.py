@@ -17,10 +17,8 @@ import yaml
 
 from spin_core import layout
 from spin_core.errors import SpinError
-from spin_core.inputs import ModelFolderError, check_model_folder, check_safetensors
 from spin_core.local import LocalRunner
 from spin_core.resource import parse
-from spin_core.reuse import conflicts
 from spin_core.store import Store
 from tests.fixtures.models import make_chat_rows, write_jsonl, write_parquet
 
@@ -250,6 +248,8 @@ def test_generation_job_fails_with_one_line_and_a_termination_message(tmp_path, 
 
 # -- model folders (item 5) ---------------------------------------------------------------------------------------
 def test_safetensors_headers_are_checked_against_the_file(tmp_path, tiny_model_dir):
+    from spin_core.inputs import ModelFolderError, check_safetensors
+
     weights = tmp_path / "model.safetensors"
     data = (tiny_model_dir / "model.safetensors").read_bytes()
     weights.write_bytes(data)
@@ -269,6 +269,8 @@ def test_safetensors_headers_are_checked_against_the_file(tmp_path, tiny_model_d
 
 
 def test_model_folder_checks(tmp_path, tiny_model_dir):
+    from spin_core.inputs import ModelFolderError, check_model_folder
+
     assert check_model_folder(tiny_model_dir, "m")["model_type"] == "llama"
     sharded = copy_model(tiny_model_dir, tmp_path / "sharded")
     (sharded / "model.safetensors.index.json").write_text(
@@ -288,6 +290,8 @@ def test_model_folder_checks(tmp_path, tiny_model_dir):
 
 # -- storage reuse (items 4 and 9) ----------------------------------------------------------------------------------
 def test_which_fields_may_differ_on_reuse(tmp_path):
+    from spin_core.reuse import conflicts
+
     base = parse(spec_document(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run")).to_document()
 
     def changed(**spec) -> list[str]:

@@ -16,12 +16,10 @@ import psutil
 import pytest
 
 from spin_core import layout
-from spin_core.errors import SpinError, StepFailed
-from spin_core.procs import clear_stale_build_locks, stale_build_locks
+from spin_core.errors import SpinError
 from spin_core.resource import parse
 from spin_core.stopping import call_scorer
 from spin_core.store import IntegrityError, Store
-from spin_core.verify import redo_command, redo_target
 
 SPIN = [sys.executable, "-m", "spin_core"]
 
@@ -142,6 +140,8 @@ def test_deleting_leaves_no_empty_folders(run_store):
 
 
 def test_redo_keys():
+    from spin_core.verify import redo_command, redo_target
+
     assert redo_target("iter-2/generated/shard-1-of-2/").kind == "shard"
     assert redo_target("iter-2/generated/shard-1-of-2/a-x/rows.jsonl").key == "iter-2/generated/shard-1-of-2"
     assert redo_target("iter-3/checkpoint").iteration == 3
@@ -155,6 +155,8 @@ def test_redo_keys():
 
 
 def test_a_raising_scorer_is_a_failed_step_naming_the_row():
+    from spin_core.errors import StepFailed
+
     def boom(prompt, reference, generated):
         raise KeyError("no digits")
 
@@ -202,6 +204,8 @@ HOLD_LOCK = (
 
 
 def test_only_locks_of_killed_builds_are_removed(tmp_path):
+    from spin_core.procs import clear_stale_build_locks, stale_build_locks
+
     root = tmp_path / "torch_extensions"
     (root / "deepspeed_shm_comm").mkdir(parents=True)
     lock = root / "deepspeed_shm_comm" / "lock"
