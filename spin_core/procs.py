@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +140,19 @@ def stale_build_locks(roots: list[Path] | None = None) -> list[Path]:
     return [lock for lock in locks if lock.resolve() not in held and lock.absolute() not in held]
 
 
-def clear_stale_build_locks(roots: list[Path] | None = None) -> list[Path]:
-    """Remove the stale build locks (`stale_build_locks`); returns them."""
+def clear_stale_build_locks(roots: list[Path] | None = None, settle: float = 0.5) -> list[Path]:
+    """Remove the stale build locks (`stale_build_locks`); returns them. A lock must look stale twice, `settle`
+    seconds apart: a build releasing its lock closes the file an instant before removing it."""
+    first = stale_build_locks(roots)
+    if not first:
+        return []
+    time.sleep(settle)
     removed = []
-    for lock in stale_build_locks(roots):
+    for lock in set(first) & set(stale_build_locks(roots)):
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
             removed.append(lock)
-    return removed
+    return sorted(removed)
 
 
 def describe_exit(code: int) -> str:

@@ -330,3 +330,23 @@ def test_a_claim_alone_is_replaced_by_corrected_inputs(tmp_path):
     assert "metadata.name: 'faults' -> 'b'" in message and "spec.dataset.uri" in message
     assert "new spec.storage.uri" in message and "\n" not in message
     assert info.value.exit_code == 2
+
+
+def test_a_corrupt_claim_is_replaced_only_when_asked(tmp_path):
+    from spin_core.store import IntegrityError
+
+    run = parse(spec_document(tmp_path / "m", tmp_path / "d.jsonl", tmp_path / "run"))
+    LocalRunner(run).claim_storage()
+    store = Store.open(f"file://{tmp_path}/run")
+    path = store.backend.local_path(layout.RUN)
+    path.write_text(path.read_text().replace('"faults"', '"edited"'))
+    with pytest.raises(IntegrityError, match=r"run\.json is corrupt") as info:
+        LocalRunner(run, source="run.yaml").claim_storage()
+    assert info.value.exit_code == 1
+    assert (
+        LocalRunner(run, source="run.yaml")
+        .explain(info.value)
+        .endswith("regenerate it with: spin run run.yaml --redo run.json")
+    )
+    LocalRunner(run).claim_storage(rewrite=True)
+    assert store.read_json(layout.RUN)["metadata"]["name"] == "faults"

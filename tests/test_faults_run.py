@@ -222,10 +222,17 @@ def test_edited_metrics_are_refused_and_redo_restores_them(finished, tmp_path):
     assert result.returncode == 1
     error = error_line(result)
     assert "iter-1/metrics.json is corrupt: changed after publishing" in error
-    repaired = spin(*redo_argv(error), timeout=300)
+    assert f"regenerate it with: spin run {spec} --redo iter-1/metrics.json" in error
+    # `spin verify` names the run by its URI: its repair command runs the run from its own run.json.
+    verified = spin("verify", store.uri)
+    assert verified.returncode == 1
+    command = f"spin run {store.uri} --redo iter-1/metrics.json"
+    assert f"  {command}" in verified.stdout
+    repaired = spin(*command.split()[1:], timeout=300)
     assert repaired.returncode == 0, repaired.stderr[-4000:]
     assert store.read_json(layout.metrics(1)) == original
     assert spin("report", store.uri, "--out", str(tmp_path / "report"), timeout=300).returncode == 0
+    assert spin("verify", store.uri).returncode == 0
 
 
 def test_a_corrupt_shard_is_found_before_the_next_iteration_and_redo_regenerates_it(finished, tmp_path):
@@ -351,6 +358,16 @@ def test_a_raising_scorer_is_a_failed_step_that_names_the_row(finished, tmp_path
     error = error_line(result)
     assert error.startswith("error: evaluation of iteration 1 failed (exit code 1): evaluation.scorer ")
     assert f"raised ValueError on row {row['prompt_id']!r}" in error and "cannot parse the answer" in error
+
+
+def test_left_truncated_prompts_are_counted_once(finished, tmp_path):
+    spec, _ = finished.copy(tmp_path, drop=TRAINED + GENERATED, training={"maxPromptLength": 6})
+    result = spin("generate", "--spec", str(spec), "--iteration", "1", "--shards", "0,1", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    notes = [line for line in result.stderr.splitlines() if "longer than training.maxPromptLength 6 tokens" in line]
+    assert len(notes) == 2, result.stderr[-4000:]  # one per shard, with its count
+    assert all(re.search(r"shard \d/2: \d+ of \d+ prompts are longer", n) for n in notes)
+    assert "their start (the chat template's beginning) is lost" in notes[0]
 
 
 # -- no orphaned vLLM processes (item 2), vLLM's cache in SPIN_CACHE_DIR (item 10) -------------------------------------

@@ -42,8 +42,11 @@ def run_document(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def run_store(tmp_path) -> Store:
+    return populate(Store.open(f"file://{tmp_path}/run"), tmp_path)
+
+
+def populate(store: Store, tmp_path: Path) -> Store:
     """A small finished-looking run: run.json, a shard, a checkpoint, metrics.json."""
-    store = Store.open(f"file://{tmp_path}/run")
     store.publish_json(layout.RUN, run_document(tmp_path))
     files = tmp_path / "files"
     files.mkdir()
@@ -112,6 +115,29 @@ def test_spin_verify_checks_every_byte_and_says_how_to_repair(run_store, tmp_pat
 
     result = subprocess.run([*SPIN, "verify", f"file://{tmp_path}/nothing"], capture_output=True, text=True)
     assert result.returncode == 2 and "holds no run" in result.stderr
+
+
+def test_spin_verify_and_report_on_the_real_s3_server(s3_env, tmp_path):
+    endpoint, bucket = s3_env
+    store = populate(Store.open(f"s3://{bucket}/runs/x", endpoint), tmp_path)
+    run = ["--endpoint", endpoint]
+    result = subprocess.run([*SPIN, "verify", store.uri, *run], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = layout.checkpoint(1)
+    weights = f"{key}/{store.manifest(key).attempt}/model.safetensors"
+    data = bytearray(store.backend.get_bytes(weights))
+    data[10] ^= 1
+    store.backend.put_bytes(weights, bytes(data))  # the same size: only the bytes tell
+    metrics = store.backend.get_bytes(layout.metrics(1)).replace(b"0.6931", b"0.0001")
+    store.backend.put_bytes(layout.metrics(1), metrics)
+    result = subprocess.run([*SPIN, "verify", store.uri, *run], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"CORRUPT {store.uri}/iter-1/checkpoint: model.safetensors does not match its sha256" in result.stdout
+    assert f"  spin run {store.uri} --redo iter-1/checkpoint" in result.stdout
+    assert f"  spin run {store.uri} --redo iter-1/metrics.json" in result.stdout
+    report = [*SPIN, "report", store.uri, *run, "--out", str(tmp_path / "r")]
+    result = subprocess.run(report, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "metrics.json is corrupt" in result.stderr
 
 
 def test_spin_report_refuses_edited_numbers(run_store, tmp_path):
