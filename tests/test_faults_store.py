@@ -141,8 +141,11 @@ def test_spin_verify_and_report_on_the_real_s3_server(s3_env, tmp_path):
 
 
 def test_spin_report_refuses_edited_numbers(run_store, tmp_path):
+    # A run continued past run.json's iterations (iterations may grow): its later iterations are reported too.
+    run_store.publish_json(layout.metrics(2), {"steps": [], "epochs": [], "final": {"loss": 0.5}})
     ok = subprocess.run([*SPIN, "report", run_store.uri, "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+    assert "| 2 | 0.5000 |" in (tmp_path / "r" / "unit-report.md").read_text()
     metrics = run_store.backend.local_path(layout.metrics(1))
     metrics.write_text(metrics.read_text().replace("0.6931", "0.0001"))
     result = subprocess.run(
