@@ -434,13 +434,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def load_run(source: str, endpoint: str | None = None) -> SpinRun:
-    """The SpinRun of a file, or of a run's storage URI (its run.json)."""
+    """The SpinRun of a file, or of a run's storage URI: its run.json, with the storage being that folder (a run's
+    folder may have been moved or copied since run.json was written)."""
     if "://" in source:
         store = Store.open(source, endpoint)
         try:
             document = store.read_json(layout.RUN)
         except NotPublished:
             raise SpinError(f"{source} holds no run (no {layout.RUN}): give the run's storage.uri") from None
+        storage = document.setdefault("spec", {}).setdefault("storage", {})
+        storage["uri"] = store.uri
+        if endpoint:
+            storage["endpoint"] = endpoint
         return parse(document, store.uri_of(layout.RUN))
     return RunContext.from_file(source).run
 
