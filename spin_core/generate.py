@@ -25,6 +25,7 @@ from spin_core import layout
 from spin_core.context import RunContext
 from spin_core.engines import BACKENDS, Engine, Sampling, derive_seed, open_engine, resolve_dtype
 from spin_core.errors import SpinError
+from spin_core.inputs import truncation_note
 from spin_core.rows import GeneratedRow, OpponentLogps, write_rows
 from spin_core.store import AlreadyPublished
 
@@ -168,6 +169,8 @@ def run_shard(
         _log(f"  ... and {len(loaded.skipped) - 3} more bad rows")
 
     prompts = [chat.prompt_token_ids(tokenizer, ex.prompt, tr.max_prompt_length) for ex in examples]
+    if note := truncation_note(tokenizer, [ex.prompt for ex in examples], tr.max_prompt_length):
+        _log(f"iteration {iteration}, shard {index}/{g.shards}: {note}")
     seeds = [derive_seed(g.seed, iteration, ex.id) for ex in examples]
     sampling = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
 
