@@ -105,9 +105,11 @@ def test_vllm_opponent_logprobs_match_a_float32_forward(vllm_engine, tmp_path, t
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tr = ctx.run.spec.training
     worst, count = 0.0, 0
+    lengths = (tr.max_prompt_length, tr.max_length)
     for row in rows:
-        for answer, stored in ((row.real, row.opponent_logps.real), (row.generated, row.opponent_logps.generated)):
-            p, a = chat.encode_pair_side(tokenizer, row.prompt, answer, tr.max_prompt_length, tr.max_length)
+        real = chat.encode_pair_side(tokenizer, row.prompt, row.real, *lengths)
+        generated = chat.encode_generated_side(tokenizer, row.prompt, row.generated_token_ids, *lengths)
+        for (p, a), stored in ((real, row.opponent_logps.real), (generated, row.opponent_logps.generated)):
             ids = torch.tensor([p + a])
             with torch.no_grad():
                 logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -119,7 +121,7 @@ def test_vllm_opponent_logprobs_match_a_float32_forward(vllm_engine, tmp_path, t
 
     # The hf engine's scores of the same pairs agree as well (both backends store interchangeable log-probs).
     hf = open_engine("hf", tiny_model_dir)
-    pairs = [chat.encode_pair_side(tokenizer, r.prompt, r.generated, tr.max_prompt_length, tr.max_length) for r in rows]
+    pairs = [chat.encode_generated_side(tokenizer, r.prompt, r.generated_token_ids, *lengths) for r in rows]
     hf_scores = hf.score(pairs)
     assert max(abs(h - r.opponent_logps.generated) for h, r in zip(hf_scores, rows, strict=True)) < 1e-3
 
