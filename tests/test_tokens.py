@@ -104,7 +104,7 @@ def test_turn_terminator_and_stop_ids_come_from_the_template_and_generation_conf
 
 
 # ---------------------------------------------------------------------------------------- generated, end to end
-def write_run(root: Path, model: Path, rows: int = 24, **training: Any) -> Path:
+def write_run(root: Path, model: Path, rows: int = 24, backend: str = "hf", **training: Any) -> Path:
     data = make_chat_rows(rows, seed=5, system="You are a helpful assistant.")
     for row, answer in zip(data, ANSWERS, strict=False):
         row["messages"][-1]["content"] = answer
@@ -118,7 +118,7 @@ def write_run(root: Path, model: Path, rows: int = 24, **training: Any) -> Path:
             "dataset": {"uri": f"file://{dataset}"},
             "storage": {"uri": f"file://{root / 'store'}"},
             "iterations": 1,
-            "generation": {"backend": "hf", "maxNewTokens": MAX_NEW, "batchSize": 8, "seed": 3},
+            "generation": {"backend": backend, "maxNewTokens": MAX_NEW, "batchSize": 8, "seed": 3},
             "training": {
                 "maxLength": 128,
                 "maxPromptLength": 64,
