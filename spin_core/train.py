@@ -362,6 +362,7 @@ class Trainer:
     def run(self) -> int:
         import deepspeed
         import torch
+        import torch.distributed as dist
 
         tr, t = self.tr, self.t
         gpu = torch.cuda.is_available()
@@ -414,7 +415,8 @@ class Trainer:
             f"{', dropped' if tr.truncated_answers == 'drop' and stats['pairs/truncated'] else ''}), "
             "opponent log-probs "
             f"{'reused from generation for ' + str(reused) if reused else 'computed'} ({tr.reference_logprobs}); "
-            f"beta {self.beta}, lr {self.lr}, {self.epochs} epoch(s), world {self.world}, ZeRO {tr.zero_stage}, "
+            f"beta {self.beta}, lr {self.lr}, {self.epochs} epoch(s), world {self.world} ({dist.get_backend()}), "
+            f"ZeRO {tr.zero_stage}, "
             f"{str(self.dtype).removeprefix('torch.')}; {self.variant}"
             + (
                 f", opponent weights {[round(w, 4) for w in self.weights]} on M_{t - 1}..M_{t - len(self.weights)}"
@@ -626,7 +628,11 @@ class Trainer:
             seconds = time.perf_counter() - started
             record = {k: (sums[i] / sums[-2]).item() for i, k in enumerate(names)}
             record.update(
-                step=global_step, epoch=epoch + 1, lr=engine.get_lr()[0], **{"tokens/s": sums[-1].item() / seconds}
+                step=global_step,
+                epoch=epoch + 1,
+                lr=engine.get_lr()[0],
+                seconds=seconds,
+                **{"tokens/s": sums[-1].item() / seconds},
             )
             if first_step:
                 dist.all_reduce(step0, op=dist.ReduceOp.MAX)
