@@ -565,10 +565,11 @@ def _mkdir(path: Path) -> Path:
 
 
 def _download_lock(target: Path):
-    """An exclusive lock on one cache entry, shared by every process using this cache folder."""
+    """An exclusive lock on one cache entry, shared by every process using this cache folder (lock files live apart,
+    in `<cache>/locks`, so that a cache folder holds only complete downloads)."""
     from filelock import FileLock
 
-    return FileLock(str(_mkdir(target.parent) / f".{target.name}.lock"))
+    return FileLock(str(_mkdir(cache_dir() / "locks") / f"{target.parent.name}-{target.name}.lock"))
 
 
 def _verify(manifest: Manifest, folder: Path, where: str) -> None:
