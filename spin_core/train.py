@@ -200,9 +200,7 @@ def dropout_overrides(model_dir: Path) -> dict[str, float]:
     except (OSError, ValueError):
         return {}
     return {
-        k: 0.0
-        for k, v in config.items()
-        if ("dropout" in k or k.endswith("_pdrop")) and isinstance(v, float) and not isinstance(v, bool) and v > 0
+        k: 0.0 for k, v in config.items() if ("dropout" in k or k.endswith("_pdrop")) and isinstance(v, float) and v > 0
     }
 
 

@@ -264,15 +264,17 @@ def test_bf16_online_opponent_under_zero3_loads_partitioned_and_starts_at_zero(t
 
 
 @pytest.mark.slow
-def test_lora_training_on_two_processes(tmp_path, tiny_model_dir):
-    """LoRA (peft) under DeepSpeed, 2 processes, bf16: only the adapted projections change, the rest of the
-    published model is M_0's weights in bf16; step 0 starts at zero logits (B = 0)."""
+@pytest.mark.parametrize("zero", [2, 3])
+def test_lora_training_on_two_processes(tmp_path, tiny_model_dir, zero):
+    """LoRA (peft) under DeepSpeed, 2 processes, bf16, ZeRO-2 and ZeRO-3 (base model loaded partitioned, adapters
+    partitioned by the engine): only the adapted projections change, the rest of the published model is M_0's
+    weights in bf16; step 0 starts at zero logits (B = 0)."""
     from safetensors.torch import load_file
 
     spec = make_run(
         tmp_path,
         tiny_model_dir,
-        zero=2,
+        zero=zero,
         dtype="bfloat16",
         lora={"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
     )
