@@ -16,7 +16,8 @@ Plain inputs the user uploaded (the SFT model, the dataset) carry no manifest: `
 into the cache keyed by URI and ETag/mtime.
 
 Downloads land in a staging folder under `cache_dir()` that is renamed into place only once complete and
-verified, so a cache folder that exists is complete.
+verified, so a cache folder that exists is complete. A file lock per cache entry makes the processes sharing a
+cache (the ranks of a training pod) download an artefact once: the others wait and then find it in place.
 """
 
 from __future__ import annotations
@@ -584,6 +585,12 @@ class Store:
         target = cache_dir() / "artefacts" / tag
         if target.is_dir():
             return target
+        with _download_lock(target):
+            if target.is_dir():  # another process of this machine downloaded it while we waited
+                return target
+            return self._download(key, manifest, target, tag)
+
+    def _download(self, key: str, manifest: Manifest, target: Path, tag: str) -> Path:
         staging = Path(tempfile.mkdtemp(dir=_mkdir(cache_dir() / "artefacts"), prefix=f".{tag}-"))
         try:
 
@@ -622,6 +629,14 @@ class Store:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _download_lock(target: Path):
+    """An exclusive lock on one cache entry, shared by every process using this cache folder (lock files live apart,
+    in `<cache>/locks`, so that a cache folder holds only complete downloads)."""
+    from filelock import FileLock
+
+    return FileLock(str(_mkdir(cache_dir() / "locks") / f"{target.parent.name}-{target.name}.lock"))
 
 
 def _verify(manifest: Manifest, folder: Path, where: str) -> None:
@@ -675,6 +690,13 @@ def fetch_input(uri: str, endpoint: str | None = None, region: str | None = None
     result = target / entries[0][1] if single else target
     if target.is_dir():
         return result
+    with _download_lock(target):
+        if not target.is_dir():
+            _download_input(bucket_root, entries, target, tag)
+    return result
+
+
+def _download_input(bucket_root: S3Backend, entries: list[tuple[str, str, int, str]], target: Path, tag: str) -> None:
     staging = Path(tempfile.mkdtemp(dir=_mkdir(cache_dir() / "inputs"), prefix=f".{tag}-"))
     try:
 
@@ -687,4 +709,3 @@ def fetch_input(uri: str, endpoint: str | None = None, region: str | None = None
         _install(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return result
