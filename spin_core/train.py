@@ -46,6 +46,7 @@ from spin_core.pairs import (
 )
 from spin_core.spec import OpponentMixture
 from spin_core.store import AlreadyPublished, NotPublished
+from spin_core.termination import write_termination_message
 from spin_core.variants import variant_label
 
 # Per optimizer step (means over the step's pairs) and per epoch. Log-probs are of the answer tokens under the policy
@@ -823,7 +824,7 @@ class Trainer:
                     "variant": self.variant,
                     "warnings": warnings,
                 }
-                write_termination_message(json.dumps(summary))
+                write_termination_message(summary)  # the operator copies it into the run's status
                 print(json.dumps(summary), flush=True)
         barrier()
 
@@ -833,9 +834,3 @@ def publish_metrics(store, t: int, metrics: dict) -> None:
     with contextlib.suppress(AlreadyPublished):
         store.publish_json(layout.metrics(t), metrics)
 
-
-def write_termination_message(line: str) -> None:
-    """The operator copies the trainer's summary from the pod's termination message into status."""
-    path = os.environ.get("SPIN_TERMINATION_LOG", "/dev/termination-log")
-    with contextlib.suppress(OSError), open(path, "w") as f:
-        f.write(line[:4000])
