@@ -10,7 +10,7 @@ from pathlib import Path
 from spin_core import layout
 from spin_core.data import Example, load_examples
 from spin_core.errors import SpinError
-from spin_core.inputs import check_model_folder, check_vllm_serves
+from spin_core.inputs import check_model_folder, check_tensor_parallel, check_vllm_serves
 from spin_core.resource import load, parse
 from spin_core.spec import SpinRun
 from spin_core.store import NotPublished, Store, fetch_input
@@ -66,6 +66,8 @@ class RunContext:
         config = check_model_folder(folder, self.model_uri(t))
         if (field := self.vllm_field()) is not None:
             check_vllm_serves(config, self.model_uri(t), field)
+        if self.run.spec.generation.backend == "vllm":
+            check_tensor_parallel(config, self.model_uri(t), self.run.spec.generation.gpus_per_shard)
         return folder
 
     def vllm_field(self) -> str | None:

@@ -162,6 +162,28 @@ def check_vllm_serves(config: dict[str, Any], where: str, field: str = "generati
     )
 
 
+def check_tensor_parallel(config: dict[str, Any], where: str, gpus: int) -> None:
+    """generation.gpusPerShard > 1 is vLLM's tensor parallel size: it must divide the attention heads, and divide
+    (or be a multiple of) the key/value heads, as vLLM requires; fail before the engine with the sizes that fit."""
+    if gpus <= 1:
+        return
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int):
+        return
+    kv_ok = kv_heads % gpus == 0 if kv_heads >= gpus else gpus % kv_heads == 0
+    if heads % gpus == 0 and kv_ok:
+        return
+    fits = [
+        n for n in range(1, heads + 1) if heads % n == 0 and (kv_heads % n == 0 if kv_heads >= n else n % kv_heads == 0)
+    ]
+    raise ModelFolderError(
+        f"{where}: generation.gpusPerShard {gpus} (vLLM's tensor parallel size) must divide the model's "
+        f"{heads} attention heads and fit its {kv_heads} key/value heads; sizes that do: {', '.join(map(str, fits))}"
+    )
+
+
 def check_tokenizer(folder: Path, where: str, config: dict[str, Any], prompts: Iterable[list[dict[str, str]]]) -> None:
     """The tokenizer loads, has a chat template and an EOS token, renders every distinct turn structure of
     `prompts` (one prompt per sequence of roles: the template's branches, not every row), and fits the model's

@@ -833,4 +833,3 @@ def publish_metrics(store, t: int, metrics: dict) -> None:
     """iter-<t>/metrics.json, after the model (which carries a copy): a retry may find it already there."""
     with contextlib.suppress(AlreadyPublished):
         store.publish_json(layout.metrics(t), metrics)
-

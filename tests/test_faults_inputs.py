@@ -351,3 +351,21 @@ def test_a_corrupt_claim_is_replaced_only_when_asked(tmp_path):
     )
     LocalRunner(run).claim_storage(rewrite=True)
     assert store.read_json(layout.RUN)["metadata"]["name"] == "faults"
+
+
+def test_tensor_parallel_size_must_fit_the_attention_heads():
+    """generation.gpusPerShard is vLLM's tensor parallel size: refused before any engine when it does not divide the
+    attention heads (or fit the key/value heads), with the sizes that would."""
+    from spin_core.inputs import ModelFolderError, check_tensor_parallel
+
+    llama = {"num_attention_heads": 32, "num_key_value_heads": 8}
+    for gpus in (1, 2, 4, 8, 16, 32):
+        check_tensor_parallel(llama, "s3://m", gpus)
+    with pytest.raises(ModelFolderError) as refused:
+        check_tensor_parallel(llama, "s3://models/m", 3)
+    assert str(refused.value) == (
+        "s3://models/m: generation.gpusPerShard 3 (vLLM's tensor parallel size) must divide the model's 32 attention "
+        "heads and fit its 8 key/value heads; sizes that do: 1, 2, 4, 8, 16, 32"
+    )
+    with pytest.raises(ModelFolderError, match="fit its 4 key/value heads; sizes that do: 1, 2, 4, 8"):
+        check_tensor_parallel({"num_attention_heads": 24, "num_key_value_heads": 4}, "m", 6)
