@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import stat
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -348,18 +345,6 @@ def test_9_pods_get_a_scratch_volume_that_the_scheduler_and_kubelet_honour(
 
 
 # -- 10. retry semantics of training -------------------------------------------------------------------------------
-@pytest.fixture()
-def marker_dir() -> Iterator[Path]:
-    """A folder the containers (uid 10001) can write to, outside their private mounts."""
-    path = Path("/tmp") / f"spin-restart-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    path.chmod(stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
-
-
 def _exit_once(marker: Path, first: int) -> list[str]:
     """A command that appends a line to `marker` each time it runs, and exits `first` the first time, 0 after."""
     program = (

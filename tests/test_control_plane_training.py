@@ -10,9 +10,6 @@ rank-0 pod, as they would); where a test replaces a container's command, the wor
 
 from __future__ import annotations
 
-import stat
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +70,6 @@ def owner_of(cluster: Cluster, doc: dict[str, Any]) -> tuple[dict[str, Any], Any
     run = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
     cluster.api.create(f"/api/v1/namespaces/{doc['metadata']['namespace']}/configmaps", children.configmap(run, body))
     return body, run
-
-
-@pytest.fixture()
-def marker_dir() -> Iterator[Path]:
-    """A folder the containers (uid 10001) can write to, outside their private mounts."""
-    path = Path("/tmp") / f"spin-evict-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    path.chmod(stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO)
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 def sleep_once(marker: Path) -> list[str]:
