@@ -28,45 +28,18 @@ from spin_operator.observe import job_child, pod_problem, pytorchjob_child
 from spin_core import spec as s
 from spin_core.resource import parse
 from tests.cluster.api import ApiError as ClusterApiError
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, spinrun_doc, spinruns_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def spinrun_doc(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": s.API_VERSION,
-        "kind": s.KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://models/tiny"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "storage": {"uri": f"s3://runs/{name}", "endpoint": "http://127.0.0.1:9"},
-            "iterations": 1,
-            "generation": {"shards": 1, "gpusPerShard": 0, "backend": "hf"},
-            "training": {
-                "nodes": 1,
-                "processesPerNode": 1,
-                "gpusPerNode": 0,
-                "microBatchSize": 1,
-                "globalBatchSize": 8,
-            },
-            **spec,
-        },
-    }
-
-
-def spinruns(namespace: str) -> str:
-    return f"/apis/{s.GROUP}/{s.VERSION}/namespaces/{namespace}/spinruns"
-
-
 def create_run(cluster: Cluster, doc: dict[str, Any]) -> dict[str, Any]:
-    return cluster.api.create(spinruns(doc["metadata"]["namespace"]), doc)
+    return cluster.api.create(spinruns_path(doc["metadata"]["namespace"]), doc)
 
 
 def status_of(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    return cluster.api.get(f"{spinruns(namespace)}/{name}").get("status") or {}
+    return cluster.api.get(f"{spinruns_path(namespace)}/{name}").get("status") or {}
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -278,14 +251,14 @@ async def test_7_a_child_held_by_another_controller_is_never_resumed(
     assert cluster.api.get(job_path)["spec"]["suspend"] is True
 
     cluster.api.patch(job_path, {"spec": {"suspend": False}})  # admitted again
-    cluster.api.patch(f"{spinruns(ns)}/queued", {"spec": {"suspend": True}})
+    cluster.api.patch(f"{spinruns_path(ns)}/queued", {"spec": {"suspend": True}})
 
     def suspended_by_operator() -> bool:
         job = cluster.api.get(job_path)
         return job["spec"]["suspend"] and children.SUSPENDED_BY_ANNOTATION in job["metadata"].get("annotations", {})
 
     cluster.api.wait_for("suspended by the operator", suspended_by_operator, 30)
-    cluster.api.patch(f"{spinruns(ns)}/queued", {"spec": {"suspend": False}})
+    cluster.api.patch(f"{spinruns_path(ns)}/queued", {"spec": {"suspend": False}})
     cluster.api.wait_for("resumed by the operator", lambda: cluster.api.get(job_path)["spec"]["suspend"] is False, 30)
 
 
@@ -314,7 +287,7 @@ async def test_8_a_foreign_configmap_of_the_runs_name_is_never_taken_over(
     cm = cluster.api.get(f"{cm_path}/mine-spec")
     assert cm["data"] == {"settings": "someone else's"} and not cm["metadata"].get("ownerReferences")
     assert not cluster.api.get(jobs(ns))["items"]
-    cluster.api.delete(f"{spinruns(ns)}/mine")
+    cluster.api.delete(f"{spinruns_path(ns)}/mine")
     await asyncio.sleep(3)  # the garbage collector had its chance
     assert cluster.api.get(f"{cm_path}/mine-spec")["data"] == {"settings": "someone else's"}
 

@@ -18,11 +18,10 @@ from spin_operator import children
 from spin_operator.config import Config
 from spin_operator.observe import job_child, pytorchjob_child
 
-from spin_core import spec as s
 from spin_core.resource import parse
 from tests.cluster import build
 from tests.cluster.api import ApiError
-from tests.fixtures.cluster import Cluster, crd_established
+from tests.fixtures.cluster import Cluster, crd_established, spinrun_doc, spinruns_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -41,32 +40,9 @@ def trainer_crds(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "-f", str(folder / "runtimes" / "torch_distributed.yaml"))
 
 
-def spinrun_doc(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": s.API_VERSION,
-        "kind": s.KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://models/tiny"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "storage": {"uri": f"s3://runs/{name}"},
-            "iterations": 1,
-            "generation": {"shards": 1, "gpusPerShard": 0, "backend": "hf", "backoffLimitPerIndex": 0},
-            "training": {
-                "nodes": 1, "processesPerNode": 1, "gpusPerNode": 0, "microBatchSize": 1, "globalBatchSize": 8,
-            },
-            **spec,
-        },
-    }  # fmt: skip
-
-
-def spinruns(namespace: str) -> str:
-    return f"/apis/{s.GROUP}/{s.VERSION}/namespaces/{namespace}/spinruns"
-
-
 def owner_of(cluster: Cluster, doc: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Create the SpinRun (the children's owner) and its spec ConfigMap; returns its body and the parsed run."""
-    body = cluster.api.create(spinruns(doc["metadata"]["namespace"]), doc)
+    body = cluster.api.create(spinruns_path(doc["metadata"]["namespace"]), doc)
     run = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
     cluster.api.create(f"/api/v1/namespaces/{doc['metadata']['namespace']}/configmaps", children.configmap(run, body))
     return body, run
@@ -149,7 +125,7 @@ async def test_a_run_on_a_training_runtime_trains_through_a_trainjob(
         timeout=120,
         describe=lambda: cluster.describe(ns),
     )
-    cluster.api.create(spinruns(ns), doc)
+    cluster.api.create(spinruns_path(ns), doc)
     tj_path = f"/apis/{TRAINER_GROUP}/v1alpha1/namespaces/{ns}/trainjobs/{name}-i1-train"
     trainjob = cluster.api.wait_for("the operator's TrainJob", lambda: cluster.api.find(tj_path), timeout=120,
                                     describe=lambda: cluster.describe(ns))  # fmt: skip
@@ -194,7 +170,7 @@ async def test_a_run_on_a_training_runtime_trains_through_a_trainjob(
     status = cluster.api.wait_for(
         "the run to succeed",
         lambda: (lambda st: st if st.get("phase") == "Succeeded" else None)(
-            cluster.api.get(f"{spinruns(ns)}/{name}").get("status") or {}
+            cluster.api.get(f"{spinruns_path(ns)}/{name}").get("status") or {}
         ),
         timeout=120,
     )
