@@ -12,7 +12,8 @@ never rebuilt, so a second run is a no-op. Targets:
   out of the module (manifests/base/) so the tests need no Go at run time;
 - `trainer` (default, data only): Kubeflow Trainer v2.0.0's CRDs and ClusterTrainingRuntimes, copied out of its
   module (its controller, which needs JobSet, is not built);
-- `kueue` (optional, not built by default): Kueue v0.17.0's manager, with its CRDs.
+- `kueue` (default): Kueue v0.17.0's manager, with its CRDs, webhook manifest, RBAC and manager Configuration copied
+  out of the module (config/components/) for tests/cluster/kueue_manager.py.
 
 Go's own caches are used (GOCACHE, GOMODCACHE; set them to keep everything under one folder). The binaries are
 stripped (`-trimpath -ldflags=-s -w`, CGO_ENABLED=0) to keep a cold build on a small CI machine short.
@@ -96,8 +97,12 @@ TARGETS = {
         Target(
             name="kueue",
             binaries={"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
-            data={"crds": ("sigs.k8s.io/kueue", "config/components/crd/bases")},
-            default=False,
+            data={
+                "crds": ("sigs.k8s.io/kueue", "config/components/crd/bases"),
+                "webhook": ("sigs.k8s.io/kueue", "config/components/webhook"),
+                "rbac": ("sigs.k8s.io/kueue", "config/components/rbac"),
+                "manager": ("sigs.k8s.io/kueue", "config/components/manager"),
+            },
         ),
     )
 }
