@@ -227,8 +227,8 @@ async def test_7_a_child_held_by_another_controller_is_never_resumed(
 ) -> None:
     """A queued run's generation Job is created suspended with Kueue's labels (the run's own kueue label is not
     copied) and stays so: the operator shows it waiting for admission. The test admits it (standing in for Kueue).
-    Later someone else suspends it again (Kueue preempting it): the operator leaves it alone. spec.suspend still
-    suspends and resumes what the operator itself suspended."""
+    Later someone else suspends it again (Kueue preempting it): the operator leaves it alone. (spec.suspend of a
+    queued run goes through the child's Kueue Workload: tests/test_control_plane_kueue.py, with Kueue itself.)"""
     ns = cluster_namespace
     doc = spinrun_doc("queued", ns, queueName="team-a", generation={"shards": 1, "gpusPerShard": 0,
                                                                     "image": "registry.invalid/held:1"})  # fmt: skip
@@ -249,17 +249,6 @@ async def test_7_a_child_held_by_another_controller_is_never_resumed(
     cluster.api.wait_for("waiting for admission again", lambda: waiting(cluster, ns), timeout=30)
     await asyncio.sleep(2)
     assert cluster.api.get(job_path)["spec"]["suspend"] is True
-
-    cluster.api.patch(job_path, {"spec": {"suspend": False}})  # admitted again
-    cluster.api.patch(f"{spinruns_path(ns)}/queued", {"spec": {"suspend": True}})
-
-    def suspended_by_operator() -> bool:
-        job = cluster.api.get(job_path)
-        return job["spec"]["suspend"] and children.SUSPENDED_BY_ANNOTATION in job["metadata"].get("annotations", {})
-
-    cluster.api.wait_for("suspended by the operator", suspended_by_operator, 30)
-    cluster.api.patch(f"{spinruns_path(ns)}/queued", {"spec": {"suspend": False}})
-    cluster.api.wait_for("resumed by the operator", lambda: cluster.api.get(job_path)["spec"]["suspend"] is False, 30)
 
 
 def waiting(cluster: Cluster, namespace: str) -> bool:

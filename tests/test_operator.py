@@ -30,6 +30,7 @@ from tests.fixtures.kube import (
     PYTORCHJOBS,
     SPINRUNS,
     TRAINJOBS,
+    WORKLOADS,
     AutoCluster,
     FakeCluster,
     KubeAPI,
@@ -466,6 +467,46 @@ async def test_suspend_and_resume_in_each_step(kube: KubeAPI, operator: Any) -> 
     await wait_phase(kube, "tiny", "Succeeded")
     reasons = [reason for _, reason, _ in events_of(kube, "tiny")]
     assert reasons.count("Suspended") >= 3 and reasons.count("Resumed") >= 2
+
+
+def marked(child: dict[str, Any]) -> bool:
+    """Whether a child carries the operator's suspended-by annotation."""
+    return "selfplay.dev/suspended-by" in (child["metadata"].get("annotations") or {})
+
+
+async def test_suspending_a_queued_run_deactivates_its_kueue_workload(kube: KubeAPI, operator: Any) -> None:
+    """A queued child's `suspend` is Kueue's: spec.suspend deactivates the child's Workload (found by Kueue's job-uid
+    label) and only marks the child; spec.suspend false reactivates it and unmarks the child. The test stands in for
+    Kueue (it makes the Workload and writes the child's suspend); tests/test_control_plane_kueue.py runs Kueue."""
+    await create(kube, spinrun(queueName="team-a"))
+    job = await wait_child(kube, JOBS, "tiny-i1-gen")
+    assert job["spec"]["suspend"] is True
+    path = f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{NS}/workloads"
+    mine = {"job-tiny-i1-gen-1a2b3": job["metadata"]["uid"], "job-other-4c5d6": "another-uid"}
+    for name, uid in mine.items():
+        await kube.call("POST", path, {"metadata": {"name": name, "labels": {"kueue.x-k8s.io/job-uid": uid}},
+                                       "spec": {"queueName": "team-a"}})  # fmt: skip
+    job_path = f"/apis/batch/v1/namespaces/{NS}/jobs/tiny-i1-gen"
+    await kube.call("PATCH", job_path, {"spec": {"suspend": False}}, patch=True)  # admitted
+    await wait_phase(kube, "tiny", "Generating")
+
+    await patch_spec(kube, "tiny", {"suspend": True})
+    await wait_for(
+        lambda: kube.obj(WORKLOADS, NS, "job-tiny-i1-gen-1a2b3")["spec"].get("active") is False, "deactivated"
+    )
+    await wait_for(lambda: marked(kube.obj(JOBS, NS, "tiny-i1-gen")), "the Job marked as suspended by the operator")
+    assert kube.obj(JOBS, NS, "tiny-i1-gen")["spec"]["suspend"] is False  # left to Kueue
+    assert "active" not in kube.obj(WORKLOADS, NS, "job-other-4c5d6")["spec"]
+    await kube.call("PATCH", job_path, {"spec": {"suspend": True}}, patch=True)  # Kueue evicts it
+    await wait_phase(kube, "tiny", "Suspended")
+
+    await patch_spec(kube, "tiny", {"suspend": False})
+    await wait_for(
+        lambda: kube.obj(WORKLOADS, NS, "job-tiny-i1-gen-1a2b3")["spec"].get("active") is True, "reactivated"
+    )
+    await wait_for(lambda: "waiting for admission" in status(kube, "tiny").get("message", ""), "waiting for admission")
+    job = kube.obj(JOBS, NS, "tiny-i1-gen")
+    assert job["spec"]["suspend"] is True and not marked(job)  # Kueue resumes it once it admits it again
 
 
 async def test_training_runtime_trains_with_kubeflow_trainer_v2(kube: KubeAPI, operator: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import kopf
@@ -49,6 +50,8 @@ EVALUATE_CONTAINER = "evaluate"
 GPU = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+WORKLOAD_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+"""The label Kueue puts on the Workload of a child: the child's uid."""
 EPHEMERAL_STORAGE = "ephemeral-storage"
 
 KINDS: dict[str, Kind] = {k.kind: k for k in (JOBS, PYTORCHJOBS, TRAINJOBS)}
@@ -573,7 +576,16 @@ def build(run: SpinRun, step: Step, owner_body: dict[str, Any], iteration: int, 
     return training_job(run, owner_body, iteration, attempt, config)
 
 
-def suspend_patch(kind: Kind, suspend: bool) -> dict[str, Any]:
-    """The merge patch that suspends (True) or resumes (False) a child, marking it as suspended by the operator."""
-    spec = {"runPolicy": {"suspend": suspend}} if kind is PYTORCHJOBS else {"suspend": suspend}
-    return {"metadata": {"annotations": {SUSPENDED_BY_ANNOTATION: OPERATOR if suspend else None}}, "spec": spec}
+def suspend_patch(kind: Kind, suspend: bool, queued: bool = False) -> dict[str, Any]:
+    """The merge patch that suspends (True) or resumes (False) a child, marking it as suspended by the operator. A
+    queued child's `suspend` is Kueue's to write (it resumes at once a child suspended under an admitted Workload):
+    the patch only marks it, and the operator (de)activates the child's Workload instead."""
+    patch: dict[str, Any] = {"metadata": {"annotations": {SUSPENDED_BY_ANNOTATION: OPERATOR if suspend else None}}}
+    if not queued:
+        patch["spec"] = {"runPolicy": {"suspend": suspend}} if kind is PYTORCHJOBS else {"suspend": suspend}
+    return patch
+
+
+def queued(body: Mapping[str, Any]) -> bool:
+    """Whether a child was submitted to a Kueue queue (it carries the queue label)."""
+    return QUEUE_LABEL in ((body.get("metadata") or {}).get("labels") or {})

@@ -32,7 +32,7 @@ from spin_core.spec import SpinRun
 from spin_operator import changes, children, metrics, policy
 from spin_operator import status as st_
 from spin_operator.config import Config
-from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, TRAINJOBS, ApiError, Kube
+from spin_operator.kube import CONFIGMAPS, PODS, PYTORCHJOBS, SPINRUNS, TRAINJOBS, WORKLOADS, ApiError, Kube
 from spin_operator.observe import Child, children_of, input_error, pod_problem, pods_of, termination_summary
 
 logger = logging.getLogger("spin_operator")
@@ -627,7 +627,12 @@ class Controller:
         state.status["progress"] = f"{t}/{n}"
 
         if run.spec.suspend:
-            if child is not None and child.active and not child.suspended:
+            # A queued child is stopped through its Workload even while Kueue holds it, or Kueue would admit and
+            # resume it later.
+            held = child is not None and (
+                child.suspended_by_operator if children.queued(child.body) else child.suspended
+            )
+            if child is not None and child.active and not held:
                 await self._suspend(state, body, child, True)
             if child is not None and child.active:
                 message = f"iteration {t}/{n}: {word} suspended ({what} {child.name})"
@@ -687,12 +692,17 @@ class Controller:
         if state.suspend_sent.get(child.name) == suspend:
             return
         namespace = body["metadata"]["namespace"]
+        queued = children.queued(child.body)
+        if queued and not await self._activate_workloads(namespace, child, not suspend) and suspend:
+            # Kueue has not made the child's Workload yet (it does within moments of the child's creation).
+            self.wake_later((namespace, body["metadata"]["name"]), self.config.error_backoff)
+            return
         try:
             await self.kube.patch(
                 children.KINDS[child.kind],
                 namespace,
                 child.name,
-                children.suspend_patch(children.KINDS[child.kind], suspend),
+                children.suspend_patch(children.KINDS[child.kind], suspend, queued),
             )
         except ApiError as e:
             if e.status != 404:
@@ -700,6 +710,23 @@ class Controller:
         state.suspend_sent[child.name] = suspend
         verb = "Suspended" if suspend else "Resumed"
         kopf.info(children.owner(body), reason=verb, message=f"{verb.lower()} {child.step} child {child.name}")
+
+    async def _activate_workloads(self, namespace: str, child: Child, active: bool) -> bool:
+        """Set `spec.active` of the Kueue Workload(s) of a queued child: false makes Kueue evict the child (suspend
+        it, delete its pods, free its quota) and keep it out of admission; true queues it again. Whether it has
+        any."""
+        uid = (child.body.get("metadata") or {}).get("uid")
+        if not uid:
+            return False
+        found = [
+            w
+            for w in await self.kube.list(WORKLOADS, namespace, {children.WORKLOAD_JOB_UID_LABEL: uid})
+            if ((w.get("metadata") or {}).get("labels") or {}).get(children.WORKLOAD_JOB_UID_LABEL) == uid
+        ]
+        for workload in found:
+            if (workload.get("spec") or {}).get("active", True) != active:
+                await self.kube.patch(WORKLOADS, namespace, workload["metadata"]["name"], {"spec": {"active": active}})
+        return bool(found)
 
     async def _create(
         self,

@@ -59,6 +59,8 @@ PYTORCHJOBS = Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 TRAINJOBS = Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 CONFIGMAPS = Kind("", "v1", "configmaps", "ConfigMap")
 PODS = Kind("", "v1", "pods", "Pod")
+WORKLOADS = Kind("kueue.x-k8s.io", "v1beta2", "workloads", "Workload")
+"""Kueue's record of a queued child (v1beta2: Kueue >= 0.15): its `spec.active` is how an admitted child is stopped."""
 
 
 class ApiError(Exception):

@@ -112,6 +112,9 @@ No Secret access: the pods name spec.storage.credentialsSecret, the kubelet read
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- end }}
 
 {{/* kopf's own cluster-wide observation: CRDs always; namespaces only when serving a list of namespaces. */}}
