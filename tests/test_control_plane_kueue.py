@@ -402,6 +402,45 @@ async def test_b2_a_run_preempted_by_kueue_waits_and_is_readmitted(
     assert job_history.of("low-i1-gen") == [(True, OPERATOR), (False, KUEUE), (True, KUEUE), (False, KUEUE)], info()
 
 
+# -- (c) spec.suspend -------------------------------------------------------------------------------------------------
+async def test_c_spec_suspend_stops_an_admitted_run_through_kueue_and_resumes_it(
+    cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str, make_queue: Callable[..., Queue],
+    job_history: SuspendHistory, cluster_operator: Any,
+) -> None:  # fmt: skip
+    """spec.suspend on an admitted run: the operator deactivates the child's Workload (Kueue's way to stop an
+    admitted workload), so Kueue evicts it, suspends the Job, deletes its pod and frees the quota, and the Job stays
+    suspended (a Job suspended over an admitted Workload, as a plain spec.suspend patch would leave it, is resumed by
+    Kueue at once). spec.suspend back to false: the Workload is reactivated, Kueue readmits it and resumes the Job.
+    Kueue alone writes the Job's `suspend` after creation; it changes once per step of that story."""
+    ns, api = cluster_namespace, cluster.api
+    queue = make_queue(cpu="1")
+    info = describe(cluster, ns)
+    api.create(spinruns(ns), queued_run("first", ns, queue.local_queue))
+    job_path = f"{jobs(ns)}/first-i1-gen"
+    job = api.wait_for("the Job", lambda: api.find(job_path), TIMEOUT, describe=info)
+    api.wait_for("the run admitted", lambda: admitted(workload_of(api, ns, job)), TIMEOUT, describe=info)
+    api.wait_for("the run Generating", lambda: generating(api, ns, "first"), TIMEOUT, describe=info)
+
+    api.patch(f"{spinruns(ns)}/first", {"spec": {"suspend": True}})
+    api.wait_for("the run Suspended", lambda: status_of(api, ns, "first").get("phase") == "Suspended", TIMEOUT,
+                 describe=info)  # fmt: skip
+    api.wait_for("the Job suspended", lambda: api.get(job_path)["spec"]["suspend"] is True, TIMEOUT, describe=info)
+    api.wait_for("the quota freed", lambda: queue.usage() == {"cpu": "0", "memory": "0"}, TIMEOUT, describe=info)
+    quiet()
+    assert api.get(job_path)["spec"]["suspend"] is True, f"the suspended run's Job runs again\n{info()}"
+    assert not admitted(workload_of(api, ns, job)), info()
+    assert status_of(api, ns, "first").get("phase") == "Suspended", info()
+
+    api.patch(f"{spinruns(ns)}/first", {"spec": {"suspend": False}})
+    api.wait_for("the Workload readmitted", lambda: admitted(workload_of(api, ns, job)), TIMEOUT, describe=info)
+    api.wait_for("the Job resumed", lambda: api.get(job_path)["spec"]["suspend"] is False, TIMEOUT, describe=info)
+    api.wait_for("the run Generating", lambda: generating(api, ns, "first"), TIMEOUT, describe=info)
+    quiet()
+    assert job_history.of("first-i1-gen") == [(True, OPERATOR), (False, KUEUE), (True, KUEUE), (False, KUEUE)], info()
+    annotations = api.get(job_path)["metadata"].get("annotations") or {}
+    assert children.SUSPENDED_BY_ANNOTATION not in annotations, annotations
+
+
 # -- (d) PyTorchJob ---------------------------------------------------------------------------------------------------
 def test_d_the_operator_built_pytorchjob_is_admitted_by_kueues_pytorchjob_integration(
     cluster: Cluster, spinrun_crd_applied: None, cluster_namespace: str, make_queue: Callable[..., Queue]
