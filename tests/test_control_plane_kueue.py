@@ -30,11 +30,10 @@ import yaml
 from spin_operator import children
 from spin_operator.config import Config
 
-from spin_core import spec as s
 from spin_core.resource import parse
 from tests.cluster.api import Api, ApiError
 from tests.cluster.kueue_manager import KueueManager, kueue_path
-from tests.fixtures.cluster import ROOT, Cluster
+from tests.fixtures.cluster import ROOT, Cluster, spinrun_doc, spinruns_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -49,10 +48,6 @@ QUIET = 6.0  # how long "nothing changes" is watched for
 
 
 # -- objects ----------------------------------------------------------------------------------------------------------
-def spinruns(namespace: str) -> str:
-    return f"/apis/{s.GROUP}/{s.VERSION}/namespaces/{namespace}/spinruns"
-
-
 def jobs(namespace: str) -> str:
     return f"/apis/batch/v1/namespaces/{namespace}/jobs"
 
@@ -62,29 +57,16 @@ def pytorchjobs(namespace: str) -> str:
 
 
 def queued_run(name: str, namespace: str, queue: str, cpu: str = "1", **spec: Any) -> dict[str, Any]:
-    """A SpinRun on `queue` whose generation pods ask for `cpu` (and 1Gi) and never start (see the docstring)."""
-    resources = {"requests": {"cpu": cpu, "memory": "1Gi"}}
-    return {
-        "apiVersion": s.API_VERSION,
-        "kind": s.KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://models/tiny"},
-            "dataset": {"uri": "s3://data/train.jsonl"},
-            "storage": {"uri": f"s3://runs/{name}", "endpoint": "http://127.0.0.1:9"},
-            "iterations": 1,
-            "queueName": queue,
-            "generation": {"shards": 1, "gpusPerShard": 0, "backend": "hf", "image": HELD_IMAGE,
-                           "resources": resources},
-            "training": {"nodes": 1, "processesPerNode": 1, "gpusPerNode": 0, "microBatchSize": 1,
-                         "globalBatchSize": 8, "image": HELD_IMAGE, "resources": resources},
-            **spec,
-        },
-    }  # fmt: skip
+    """A small SpinRun on `queue` whose pods ask for `cpu` (and 1Gi) and never start (see the docstring)."""
+    doc = spinrun_doc(name, namespace, queueName=queue, **spec)
+    held = {"image": HELD_IMAGE, "resources": {"requests": {"cpu": cpu, "memory": "1Gi"}}}
+    doc["spec"]["generation"] |= held
+    doc["spec"]["training"] |= held
+    return doc
 
 
 def status_of(api: Api, namespace: str, name: str) -> dict[str, Any]:
-    return api.get(f"{spinruns(namespace)}/{name}").get("status") or {}
+    return api.get(f"{spinruns_path(namespace)}/{name}").get("status") or {}
 
 
 def waiting(api: Api, namespace: str, name: str) -> bool:
@@ -265,7 +247,7 @@ def describe(cluster: Cluster, namespace: str) -> Callable[[], str]:
 
     def text() -> str:
         lines = []
-        for run in cluster.api.get(spinruns(namespace))["items"]:
+        for run in cluster.api.get(spinruns_path(namespace))["items"]:
             st = run.get("status") or {}
             lines.append(f"SpinRun {run['metadata']['name']}: {st.get('phase')}: {st.get('message')}")
         for wl in cluster.api.get(kueue_path("workloads", namespace=namespace))["items"]:
@@ -294,7 +276,7 @@ async def test_a_kueue_admits_the_generation_job_and_resumes_it_the_operator_wai
     Job itself (its pod is created); the run goes on Generating. `suspend` changed once after creation, by Kueue."""
     ns, api = cluster_namespace, cluster.api
     queue = make_queue(cpu="2", hold=True)
-    api.create(spinruns(ns), queued_run("first", ns, queue.local_queue, workloadPriorityClass=PRIORITY_CLASS))
+    api.create(spinruns_path(ns), queued_run("first", ns, queue.local_queue, workloadPriorityClass=PRIORITY_CLASS))
     info = describe(cluster, ns)
 
     job = api.wait_for("the generation Job", lambda: api.find(f"{jobs(ns)}/first-i1-gen"), TIMEOUT, describe=info)
@@ -339,12 +321,12 @@ async def test_b_a_run_that_does_not_fit_waits_until_the_quota_is_freed(
     ns, api = cluster_namespace, cluster.api
     queue = make_queue(cpu="1")
     info = describe(cluster, ns)
-    api.create(spinruns(ns), queued_run("first", ns, queue.local_queue))
+    api.create(spinruns_path(ns), queued_run("first", ns, queue.local_queue))
     first = api.wait_for("the first Job", lambda: api.find(f"{jobs(ns)}/first-i1-gen"), TIMEOUT, describe=info)
     api.wait_for("the first run admitted", lambda: admitted(workload_of(api, ns, first)), TIMEOUT, describe=info)
     api.wait_for("the first run Generating", lambda: generating(api, ns, "first"), TIMEOUT, describe=info)
 
-    api.create(spinruns(ns), queued_run("second", ns, queue.local_queue))
+    api.create(spinruns_path(ns), queued_run("second", ns, queue.local_queue))
     second = api.wait_for("the second Job", lambda: api.find(f"{jobs(ns)}/second-i1-gen"), TIMEOUT, describe=info)
 
     def pending_for_quota() -> bool:
@@ -357,7 +339,7 @@ async def test_b_a_run_that_does_not_fit_waits_until_the_quota_is_freed(
     assert job_history.of("second-i1-gen") == [(True, OPERATOR)], info()
     assert waiting(api, ns, "second") and generating(api, ns, "first"), info()
 
-    api.delete(f"{spinruns(ns)}/first")
+    api.delete(f"{spinruns_path(ns)}/first")
     api.wait_for("the second run admitted", lambda: admitted(workload_of(api, ns, second)), TIMEOUT, describe=info)
     api.wait_for("the second Job resumed", lambda: api.get(f"{jobs(ns)}/second-i1-gen")["spec"]["suspend"] is False,
                  TIMEOUT, describe=info)  # fmt: skip
@@ -379,11 +361,11 @@ async def test_b2_a_run_preempted_by_kueue_waits_and_is_readmitted(
     ns, api = cluster_namespace, cluster.api
     queue = make_queue(cpu="1", preempt=True)
     info = describe(cluster, ns)
-    api.create(spinruns(ns), queued_run("low", ns, queue.local_queue))
+    api.create(spinruns_path(ns), queued_run("low", ns, queue.local_queue))
     low = api.wait_for("the low Job", lambda: api.find(f"{jobs(ns)}/low-i1-gen"), TIMEOUT, describe=info)
     api.wait_for("the low run Generating", lambda: generating(api, ns, "low"), TIMEOUT, describe=info)
 
-    api.create(spinruns(ns), queued_run("high", ns, queue.local_queue, workloadPriorityClass=PRIORITY_CLASS))
+    api.create(spinruns_path(ns), queued_run("high", ns, queue.local_queue, workloadPriorityClass=PRIORITY_CLASS))
     high = api.wait_for("the high Job", lambda: api.find(f"{jobs(ns)}/high-i1-gen"), TIMEOUT, describe=info)
     api.wait_for("the high run admitted", lambda: admitted(workload_of(api, ns, high)), TIMEOUT, describe=info)
     api.wait_for("the high run Generating", lambda: generating(api, ns, "high"), TIMEOUT, describe=info)
@@ -395,7 +377,7 @@ async def test_b2_a_run_preempted_by_kueue_waits_and_is_readmitted(
     assert job_history.of("low-i1-gen") == [(True, OPERATOR), (False, KUEUE), (True, KUEUE)], info()
     assert waiting(api, ns, "low"), info()
 
-    api.delete(f"{spinruns(ns)}/high")
+    api.delete(f"{spinruns_path(ns)}/high")
     api.wait_for("the low run readmitted", lambda: admitted(workload_of(api, ns, low)), TIMEOUT, describe=info)
     api.wait_for("the low run Generating", lambda: generating(api, ns, "low"), TIMEOUT, describe=info)
     quiet()
@@ -415,13 +397,13 @@ async def test_c_spec_suspend_stops_an_admitted_run_through_kueue_and_resumes_it
     ns, api = cluster_namespace, cluster.api
     queue = make_queue(cpu="1")
     info = describe(cluster, ns)
-    api.create(spinruns(ns), queued_run("first", ns, queue.local_queue))
+    api.create(spinruns_path(ns), queued_run("first", ns, queue.local_queue))
     job_path = f"{jobs(ns)}/first-i1-gen"
     job = api.wait_for("the Job", lambda: api.find(job_path), TIMEOUT, describe=info)
     api.wait_for("the run admitted", lambda: admitted(workload_of(api, ns, job)), TIMEOUT, describe=info)
     api.wait_for("the run Generating", lambda: generating(api, ns, "first"), TIMEOUT, describe=info)
 
-    api.patch(f"{spinruns(ns)}/first", {"spec": {"suspend": True}})
+    api.patch(f"{spinruns_path(ns)}/first", {"spec": {"suspend": True}})
     api.wait_for("the run Suspended", lambda: status_of(api, ns, "first").get("phase") == "Suspended", TIMEOUT,
                  describe=info)  # fmt: skip
     api.wait_for("the Job suspended", lambda: api.get(job_path)["spec"]["suspend"] is True, TIMEOUT, describe=info)
@@ -431,7 +413,7 @@ async def test_c_spec_suspend_stops_an_admitted_run_through_kueue_and_resumes_it
     assert not admitted(workload_of(api, ns, job)), info()
     assert status_of(api, ns, "first").get("phase") == "Suspended", info()
 
-    api.patch(f"{spinruns(ns)}/first", {"spec": {"suspend": False}})
+    api.patch(f"{spinruns_path(ns)}/first", {"spec": {"suspend": False}})
     api.wait_for("the Workload readmitted", lambda: admitted(workload_of(api, ns, job)), TIMEOUT, describe=info)
     api.wait_for("the Job resumed", lambda: api.get(job_path)["spec"]["suspend"] is False, TIMEOUT, describe=info)
     api.wait_for("the run Generating", lambda: generating(api, ns, "first"), TIMEOUT, describe=info)
@@ -453,7 +435,7 @@ def test_d_the_operator_built_pytorchjob_is_admitted_by_kueues_pytorchjob_integr
     ns, api = cluster_namespace, cluster.api
     queue = make_queue(cpu="2", hold=True)
     info = describe(cluster, ns)
-    owner = api.create(spinruns(ns), queued_run("train", ns, queue.local_queue, suspend=True))
+    owner = api.create(spinruns_path(ns), queued_run("train", ns, queue.local_queue, suspend=True))
     run = parse({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
     api.create(f"/api/v1/namespaces/{ns}/configmaps", children.configmap(run, owner))
     built = children.training_job(run, owner, 1, 0, Config())
@@ -538,14 +520,14 @@ def test_e_the_operations_guides_queues_admit_what_the_operator_builds(
         priority = next(o for o in objects if o["kind"] == "WorkloadPriorityClass")["metadata"]["name"]
         doc = queued_run("gpu", ns, local_queue, suspend=True, workloadPriorityClass=priority)
         doc["spec"]["generation"] |= {"gpusPerShard": 1, "scratchSize": "100Gi"}
-        owner = api.create(spinruns(ns), doc)
+        owner = api.create(spinruns_path(ns), doc)
         run = parse({k: owner[k] for k in ("apiVersion", "kind", "metadata", "spec")})
         job = api.create(jobs(ns), children.generation_job(run, owner, 1, 0, Config()))
         requested = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
         assert set(requested) == {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"}, requested
         api.wait_for("the documented queue to admit the GPU Job", lambda: admitted(workload_of(api, ns, job)),
                      TIMEOUT, describe=info)  # fmt: skip
-        api.delete(f"{spinruns(ns)}/gpu")
+        api.delete(f"{spinruns_path(ns)}/gpu")
     finally:
         for _, path in reversed(made):
             api.delete(path)
