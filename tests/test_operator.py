@@ -360,6 +360,7 @@ async def test_a_failed_child_is_recreated_with_backoff_then_the_run_fails(kube:
     await asyncio.sleep(0.3)
     assert kube.names(JOBS, NS) == ["tiny-i1-gen-r2"]  # no fourth attempt; the last one stays for inspection
     assert kube.names(PYTORCHJOBS, NS) == []
+    await wait_for(lambda: ("Warning", "Failed") in [(t, r) for t, r, _ in events_of(kube, "tiny")], "the Event")
     warnings = [(reason, message) for type_, reason, message in events_of(kube, "tiny") if type_ == "Warning"]
     assert [r for r, _ in warnings].count("ChildFailed") == 3
     assert [r for r, _ in warnings].count("Retrying") == 2
@@ -645,7 +646,8 @@ async def test_an_invalid_spec_fails_the_run_with_the_validation_message(kube: K
     assert "spec.generation.bogus: unknown field" in message
     assert "globalBatchSize" in message and "multiple" in message
     assert condition(kube, "broken", "SpecAccepted")["status"] == "False"
-    assert ("Warning", "Failed") in [(t, r) for t, r, _ in events_of(kube, "broken")]
+    # kopf posts Events in the background, after the status write that made the phase visible.
+    await wait_for(lambda: ("Warning", "Failed") in [(t, r) for t, r, _ in events_of(kube, "broken")], "the Event")
 
     await create(kube, spinrun("good"))
     await wait_child(kube, JOBS, "good-i1-gen")
