@@ -5,9 +5,10 @@ enforced): a release per module serving one namespace per test, and its own rele
 Real: etcd, kube-apiserver, kube-controller-manager (Deployment, ReplicaSet, Job controllers and the garbage
 collector), kube-scheduler, the Kubeflow Training Operator v1.9.4 and its webhook, helm, kopf's peering through
 KopfPeering objects, and the operator's code. Stand-in: the kubelet (tests/cluster/kubelet.py), which runs each
-container as a local process; most children run the stub image (tests/cluster/stub/spin: `spin <step>` that does no
-work and succeeds, waits for the test's gate file, or exits with a given code), so a test decides when each step
-ends; the exit-code-2 test runs the real `spin generate` of the generator image.
+container as a local process; most children run the stub image (tests/cluster/stub/: a `spin <step>` that does no
+work and succeeds, waits for the test's gate file, or exits with a given code, under a `torchrun` that starts it once
+as rank 0), so a test decides when each step ends; the exit-code-2 test runs the real `spin generate` of the
+generator image.
 """
 
 from __future__ import annotations
