@@ -551,6 +551,21 @@ class PodWorker(threading.Thread):
             cond("ContainersReady", not unready, ready_reason, ready_message),
         ]  # fmt: skip
 
+    def read_pod(self) -> dict[str, Any] | None:
+        """The pod as the API has it; None once it is gone. The Node authorizer answers 403 for a pod it does not
+        relate to this node: one deleted, but also one just bound whose binding its graph has not seen yet (under
+        load, a second or more), so a 403 counts as gone only once it persists."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                return self.api.find(self.pod_path)
+            except ApiError as e:
+                if e.status != 403:
+                    raise
+                if time.monotonic() > deadline or self.deleted.is_set():
+                    return None
+            time.sleep(0.25)
+
     def write_status(self) -> None:
         status = {
             "phase": self.phase,
@@ -570,12 +585,7 @@ class PodWorker(threading.Thread):
         if status == self.written:
             return
         for _ in range(10):
-            try:
-                pod = self.api.find(self.pod_path)
-            except ApiError as e:  # 403: the Node authorizer no longer relates the pod to this node: it is gone
-                if e.status != 403:
-                    raise
-                pod = None
+            pod = self.read_pod()
             if pod is None or pod["metadata"]["uid"] != self.uid:
                 self.deleted.set()
                 return
