@@ -33,7 +33,11 @@ PAUSING = "Pausing operations in favour of"
 PAUSED = re.compile(rf"{PAUSING}|Pausing all operators")
 RESUMED = "Resuming operations after the pause"
 HANDLED = "Handler 'spinrun_event' succeeded"
-API_ERRORS = re.compile(r"HTTP (409|422)\b|\b(409|422) (Conflict|Unprocessable)")
+# 409/422 answers as the operator's client, kopf's client and the operator's adoption path log them
+API_ERRORS = re.compile(
+    r"HTTP (409|422)\b|status=(409|422)\b|'code': (409|422)\b|APIConflictError|Unprocessable|Patching failed"
+    r"|adopted existing"
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def paused_streams(log: str) -> bool:
 
 
 def test_ha_one_replica_serves_and_the_other_takes_over(cluster: Cluster, cluster_namespace: str) -> None:
-    """ha.enabled, replicas 2 (the chart's Deployment, its own release): both pods join the KopfPeering with
+    """Operator: the chart's pods. ha.enabled, replicas 2 (its own release): both pods join the KopfPeering with
     distinct priorities, the older one logs that it pauses and exactly the newer one handles a SpinRun; deleting the
     serving pod makes the standby resume, and the run proceeds to Succeeded with each child created once."""
     ns, api = cluster_namespace, cluster.api
@@ -160,9 +164,10 @@ def pod_suffix(cluster: Cluster, ns: str, run: str) -> str:
 
 # -- (b) restarts --------------------------------------------------------------------------------------------------
 def test_a_restarted_operator_adopts_the_children_of_every_phase(cluster: Cluster, release: cp.Release) -> None:
-    """At Generating, Training and Evaluating, while the phase's child runs (the stub waits for its gate), the
-    operator pod is killed (deleted with grace 0; the ReplicaSet starts another): the new operator carries on with
-    the same child (same uid, same pods), creates each next child exactly once, and the run Succeeds without a retry."""
+    """Operator: the chart's pod. At Generating, Training and Evaluating, while the phase's child runs (the stub waits
+    for its gate), the operator pod is killed (deleted with grace 0; the ReplicaSet starts another): the new operator
+    carries on with the same child (same uid, same pods), creates each next child exactly once, and the run Succeeds
+    without a retry."""
     ns, api = scenario_namespace(release, "restart"), cluster.api
     watch = cp.Stopwatch()
     gates, run = cp.gates_dir(), "restart"
@@ -221,9 +226,9 @@ def test_a_restarted_operator_adopts_the_children_of_every_phase(cluster: Cluste
 
 # -- (c) garbage collection ----------------------------------------------------------------------------------------
 def test_deleting_a_spinrun_collects_its_children(cluster: Cluster, release: cp.Release) -> None:
-    """A run in Training (its generation Job complete, its PyTorchJob's Master pod running): deleting the SpinRun
-    makes the garbage collector delete its ConfigMap, Jobs, PyTorchJob, their pods and the Training Operator's
-    Service (owner references all the way down); the SpinRun itself is gone too (no finalizer holds it)."""
+    """Operator: the chart's pod. A run in Training (its generation Job complete, its PyTorchJob's Master pod running):
+    deleting the SpinRun makes the garbage collector delete its ConfigMap, Jobs, PyTorchJob, their pods and the Training
+    Operator's Service (owner references all the way down); the SpinRun itself is gone too (no finalizer holds it)."""
     ns, api = scenario_namespace(release, "gc"), cluster.api
     gates, run = cp.gates_dir(), "gc"
     cp.create(cluster, cp.stub_spinrun(run, ns, gates, train="wait"))
@@ -263,12 +268,14 @@ def test_deleting_a_spinrun_collects_its_children(cluster: Cluster, release: cp.
 
 # -- (d) 50 runs at once -------------------------------------------------------------------------------------------
 def test_fifty_spinruns_at_once(cluster: Cluster, release: cp.Release) -> None:
-    """50 SpinRuns created at once (their generation pods run the stub, waiting): each gets exactly one ConfigMap and
-    one generation Job, no other child; once the pods run, every status is consistent (Generating 1/1, the Job's
-    name, SpecAccepted, Progressing, not Degraded, not Failed), and the operator's log has no 409/422 answers."""
+    """Operator: the chart's pod. 50 SpinRuns created at once (their generation pods run the stub, waiting): each gets
+    exactly one ConfigMap and one generation Job, no other child; once the pods run, every status is consistent
+    (Generating 1/1, the Job's name, SpecAccepted, Progressing, not Degraded, not Failed), and the operator's log has no
+    409/422 answers."""
     ns, api = scenario_namespace(release, "many"), cluster.api
     watch = cp.Stopwatch()
     gates = cp.gates_dir()
+    logged_before = {p["metadata"]["name"]: len(release.log(p["metadata"]["name"])) for p in release.pods()}
     runs = [f"many-{i:02d}" for i in range(RUNS_AT_ONCE)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda r: cp.create(cluster, cp.stub_spinrun(r, ns, gates, generate="wait")), runs))
@@ -314,16 +321,18 @@ def test_fifty_spinruns_at_once(cluster: Cluster, release: cp.Release) -> None:
         expected = {"SpecAccepted": "True", "Progressing": "True", "Ready": "False", "Failed": "False",
                     "Degraded": "False"}  # fmt: skip
         assert {k: cp.condition(status, k).get("status") for k in expected} == expected, (run, status)
-    log = release.log()
+    log = "".join(
+        release.log(pod["metadata"]["name"])[logged_before.get(pod["metadata"]["name"], 0) :] for pod in release.pods()
+    )
     errors = [line for line in log.splitlines() if API_ERRORS.search(line)]
     assert not errors, f"{len(errors)} 409/422 answers in the operator's log:\n" + "\n".join(errors[:20])
 
 
 # -- (e) bad children ----------------------------------------------------------------------------------------------
 def test_a_stuck_or_bad_child_shows_in_the_spinrun_within_seconds(cluster: Cluster, release: cp.Release) -> None:
-    """Three runs at once, each with one bad generation pod: an image no node can pull (Degraded, reason
-    ImagePullBackOff, the kubelet's message), a nodeSelector no node matches (Degraded, Unschedulable, the
-    scheduler's message), and the real `spin generate` on a model that does not exist (exit code 2: the run Failed
+    """Operator: the chart's pod. Three runs at once, each with one bad generation pod: an image no node can pull
+    (Degraded, reason ImagePullBackOff, the kubelet's message), a nodeSelector no node matches (Degraded, Unschedulable,
+    the scheduler's message), and the real `spin generate` on a model that does not exist (exit code 2: the run Failed
     with reason InvalidInput at once, no retry Job). Prints the seconds from the SpinRun's creation to each."""
     ns = scenario_namespace(release, "bad")
     pull = cp.stub_spinrun("pull", ns, generation={"image": "ghcr.io/spin-selfplay/spin-generatr:0.1.0"})
