@@ -66,18 +66,30 @@ IterationOption = Annotated[int, typer.Option("--iteration", "-t", min=1, help="
 
 
 def _run_job(fn, *args) -> None:
-    """Run a job's library entry point; user-facing errors become one line and exit code 2."""
-    from spin_core.errors import SpinError
+    """Run a job's library entry point. A SpinError becomes one line on stderr, the same line in the pod's
+    termination message (`{"error": "input" | "step", "message": ...}`, which the operator shows: under torchrun the
+    container's exit code is torchrun's own 1) and its exit code: 2 for a problem with the input, 1 for a failed
+    step; Ctrl-C exits 130. Any other exception is a failed step (exit code 1, with its traceback)."""
+    from spin_core.errors import INPUT_ERROR, INTERRUPTED, STEP_FAILED, SpinError
+    from spin_core.local import write_error_file
     from spin_core.termination import write_termination_message
 
     try:
         code = fn(*args)
     except SpinError as e:
-        # In a pod, the operator reads this (the container's exit code is torchrun's own, 1, in a PyTorchJob).
-        write_termination_message({"error": "input", "message": str(e)})
-        fail(str(e), 2)
+        message = str(e)
+        kind = "input" if e.exit_code == INPUT_ERROR else "step"
+        write_termination_message({"error": kind, "message": message})
+        if write_error_file(e.exit_code, message, getattr(e, "uri", None)):  # `spin run` says it, with the step
+            raise typer.Exit(e.exit_code) from None
+        fail(message, e.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted; nothing was published", 130)
+        fail("interrupted; nothing was published", INTERRUPTED)
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        write_termination_message({"error": "step", "message": message})
+        write_error_file(STEP_FAILED, message)
+        raise
     raise typer.Exit(code or 0)
 
 
@@ -115,7 +127,10 @@ def generate(
 def train(spec: SpecOption, iteration: IterationOption) -> None:
     """Training job (run under torchrun or a PyTorchJob): trains M_t against M_{t-1}; publishes the checkpoint."""
     from spin_core import train as job
+    from spin_core.procs import clear_stale_build_locks
 
+    for lock in clear_stale_build_locks():  # a killed build's lock would make this job wait forever
+        typer.echo(f"removed a stale build lock {lock} (left by a killed build)", err=True)
     _run_job(job.main, spec, iteration)
 
 
@@ -129,13 +144,48 @@ def evaluate(spec: SpecOption, iteration: IterationOption) -> None:
 
 @app.command("run")
 def run_command(
-    spec: Annotated[Path, typer.Argument(help="The SpinRun file to execute on this machine.")],
-    as_json: Annotated[bool, typer.Option("--json", help="End with a JSON summary line instead of text.")] = False,
+    spec: Annotated[
+        str, typer.Argument(help="The SpinRun file to execute on this machine, or a run's storage URI (its run.json).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="End with a JSON object (on failure too).")] = False,
+    redo: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--redo",
+            help="Make this artefact again first if it is corrupt or missing (e.g. iter-2/generated/shard-0-of-2, "
+            "iter-1/checkpoint, iter-1/metrics.json); repeatable.",
+        ),
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="S3 endpoint URL to read a run URI's run.json (default: $AWS_ENDPOINT_URL).")
+    ] = None,
 ) -> None:
-    """Execute a SpinRun on this machine: generate and train every iteration; rerun to continue after a stop."""
+    """Execute a SpinRun on this machine: generate and train every iteration; rerun to continue after a stop.
+    Exit code 0: succeeded; 2: a problem with the input; 1: a failed step; 130: interrupted."""
     from spin_core import local
 
-    _run_job(local.run, spec, as_json)
+    raise typer.Exit(local.run(spec, as_json, redo or (), endpoint))
+
+
+@app.command()
+def verify(
+    run_uri: Annotated[str, typer.Argument(help="The run's storage.uri (file://... or s3://...).")],
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL (default: AWS or $AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Check every artefact (every file, every byte, against its manifest) and every JSON document (its checksum)
+    of a run. Exit code 0: intact; 1: something is corrupt (each problem is named, with the command that
+    regenerates it); 2: not a run."""
+    from spin_core.store import Store
+    from spin_core.verify import report_lines, verify_run
+
+    def go() -> int:
+        store = Store.open(run_uri, endpoint)
+        lines, intact = report_lines(verify_run(store), store, run_uri)
+        for line in lines:
+            typer.echo(line)
+        return 0 if intact else 1
+
+    _run_job(go)
 
 
 @app.command()
@@ -148,7 +198,14 @@ def report(
     from spin_core.report import write_report
 
     def go() -> None:
-        png, md = write_report(run_uri, out, endpoint)
+        from spin_core.store import IntegrityError, Store
+        from spin_core.verify import repair_hint
+
+        try:
+            png, md = write_report(run_uri, out, endpoint)
+        except IntegrityError as e:  # an edited metrics.json or eval.json: refuse to show its numbers
+            hint = repair_hint(run_uri, Store.open(run_uri, endpoint).uri, e.uri)
+            raise IntegrityError(f"{e}: nothing reported{hint}", e.uri) from None
         typer.echo(f"wrote {png} and {md}")
 
     _run_job(go)

@@ -10,6 +10,7 @@ from pathlib import Path
 from spin_core import layout
 from spin_core.data import Example, load_examples
 from spin_core.errors import SpinError
+from spin_core.inputs import check_model_folder, check_tensor_parallel, check_vllm_serves
 from spin_core.resource import load, parse
 from spin_core.spec import SpinRun
 from spin_core.store import NotPublished, Store, fetch_input
@@ -45,21 +46,38 @@ class RunContext:
         return self.run.spec.model.uri if t == 1 else self.store.uri_of(layout.checkpoint(t - 1))
 
     def fetch_model(self, t: int) -> Path:
-        """Local folder holding M_{t-1} (the SFT model for t == 1, else the checkpoint of iteration t-1)."""
+        """Local folder holding M_{t-1} (the SFT model for t == 1, else the checkpoint of iteration t-1), checked
+        (`inputs.check_model_folder`; and the head dim when the run uses vLLM) before any engine sees it."""
         self.check_iteration(t)
         storage = self.run.spec.storage
         if t == 1:
             try:
-                return fetch_input(self.run.spec.model.uri, storage.endpoint, storage.region)
+                folder = fetch_input(self.run.spec.model.uri, storage.endpoint, storage.region)
             except NotPublished as e:
                 raise SpinError(f"spec.model.uri: {e}") from None
-        key = layout.checkpoint(t - 1)
-        if not self.store.is_published(key):
-            raise NotPublished(
-                f"the model of iteration {t - 1} ({self.store.uri_of(key)}) is not published: "
-                f"iteration {t - 1} has not finished training"
-            )
-        return self.store.fetch(key)
+        else:
+            key = layout.checkpoint(t - 1)
+            if not self.store.is_published(key):
+                raise NotPublished(
+                    f"the model of iteration {t - 1} ({self.store.uri_of(key)}) is not published: "
+                    f"iteration {t - 1} has not finished training"
+                )
+            folder = self.store.fetch(key)
+        config = check_model_folder(folder, self.model_uri(t))
+        if (field := self.vllm_field()) is not None:
+            check_vllm_serves(config, self.model_uri(t), field)
+        if self.run.spec.generation.backend == "vllm":
+            check_tensor_parallel(config, self.model_uri(t), self.run.spec.generation.gpus_per_shard)
+        return folder
+
+    def vllm_field(self) -> str | None:
+        """The spec field that makes this run use vLLM (generation or evaluation backend), if any."""
+        spec = self.run.spec
+        if spec.generation.backend == "vllm":
+            return "generation.backend"
+        if spec.evaluation is not None and spec.evaluation.backend == "vllm":
+            return "evaluation.backend"
+        return None
 
     def fetch_dataset(self) -> Path:
         """Local path of the dataset file."""
@@ -69,16 +87,17 @@ class RunContext:
         except NotPublished as e:
             raise SpinError(f"spec.dataset.uri: {e}") from None
 
-    def _load(self, dataset) -> list[Example]:
+    def _load(self, dataset, field: str = "spec.dataset.uri") -> list[Example]:
         storage = self.run.spec.storage
         try:
             path = fetch_input(dataset.uri, storage.endpoint, storage.region)
         except NotPublished as e:
-            raise SpinError(f"dataset {dataset.uri}: {e}") from None
+            raise SpinError(f"{field}: {e}") from None
         return load_examples(path, dataset, source=dataset.uri).examples
 
     def training_examples(self) -> list[Example]:
-        """The dataset's examples, minus the held-out ones when evaluation.heldoutFraction is set."""
+        """The dataset's examples (every row read and checked), minus the held-out ones when
+        evaluation.heldoutFraction is set."""
         return self.without_heldout(self._load(self.run.spec.dataset))
 
     def without_heldout(self, examples: list[Example]) -> list[Example]:
@@ -97,7 +116,7 @@ class RunContext:
         if ev is None:
             raise SpinError("spec.evaluation is not set")
         if ev.dataset is not None:
-            examples = self._load(ev.dataset)
+            examples = self._load(ev.dataset, "spec.evaluation.dataset.uri")
             where = f"evaluation.dataset {ev.dataset.uri}"
         else:
             examples = [e for e in self._load(self.run.spec.dataset) if is_heldout(e.id, ev.heldout_fraction)]

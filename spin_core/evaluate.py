@@ -11,30 +11,41 @@ Two numbers per iteration:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from spin_core import layout
-from spin_core.chat import encode_pair_side, load_tokenizer, prompt_token_ids
+from spin_core.chat import (
+    decode_answer,
+    encode_generated_side,
+    encode_pair_side,
+    load_tokenizer,
+    prompt_token_ids,
+    stop_token_ids,
+)
 from spin_core.context import RunContext
 from spin_core.data import Example
 from spin_core.engines import Sampling, derive_seed, open_engine
 from spin_core.errors import SpinError
+from spin_core.inputs import truncation_note
 from spin_core.stopping import call_scorer, load_scorer
 from spin_core.termination import write_termination_message
 
 
-def greedy_answers(engine, tokenizer, examples: list[Example], max_prompt: int, max_new: int) -> list[str]:
+def greedy_answers(
+    engine, tokenizer, examples: list[Example], max_prompt: int, max_new: int, stops: tuple[int, ...] = ()
+) -> list[str]:
     prompts = [prompt_token_ids(tokenizer, e.prompt, max_prompt) for e in examples]
-    out = engine.generate(prompts, [0] * len(prompts), Sampling(0.0, 1.0, max_new))
-    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in out]
+    out = engine.generate(prompts, [0] * len(prompts), Sampling(0.0, 1.0, max_new, stop_token_ids=stops))
+    return [decode_answer(tokenizer, c.token_ids, stops) for c in out]
 
 
 def task_score(reference: str, examples: list[Example], answers: list[str]) -> float:
     scorer = load_scorer(reference)
     pairs = zip(examples, answers, strict=True)
-    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a) for e, a in pairs]
+    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a, e.id) for e, a in pairs]
     return sum(values) / len(values)
 
 
@@ -55,29 +66,33 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
     new_dir = ctx.store.fetch(layout.checkpoint(t))
     tokenizer = load_tokenizer(new_dir, ctx.store.uri_of(layout.checkpoint(t)))
     backend = ev.backend or generation.backend
-    settings = {"dtype": "float32", "batch_size": generation.batch_size}
+    stops = tuple(stop_token_ids(tokenizer, new_dir))
+    # The engines' context is what evaluation uses (a prompt and an answer, or a scored pair and one token), not the
+    # model's whole context (32k-128k tokens), for which vLLM would size its KV cache.
+    max_model_len = max(training.max_prompt_length + max_new, training.max_length + 1)
+    settings = {"dtype": "float32", "batch_size": generation.batch_size, "max_model_len": max_model_len}
 
     # The opponent answers as it did in training (sampled), and is scored; then the new model.
     opponent = open_engine(backend, opponent_dir, where=ctx.model_uri(t), **settings)
     try:
         prompts = [prompt_token_ids(tokenizer, e.prompt, training.max_prompt_length) for e in examples]
+        if note := truncation_note(tokenizer, [e.prompt for e in examples], training.max_prompt_length):
+            print(f"evaluation of iteration {t}: {note}", file=sys.stderr, flush=True)
         seeds = [derive_seed(generation.seed, "eval", t, e.id) for e in examples]
-        sampling = Sampling(generation.temperature, generation.top_p, max_new)
-        generated = [
-            tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in opponent.generate(prompts, seeds, sampling)
-        ]
-        real_pairs = [
-            encode_pair_side(tokenizer, e.prompt, e.real, training.max_prompt_length, training.max_length)
-            for e in examples
-        ]
+        sampling = Sampling(generation.temperature, generation.top_p, max_new, stop_token_ids=stops)
+        completions = opponent.generate(prompts, seeds, sampling)
+        generated = [decode_answer(tokenizer, c.token_ids, stops) for c in completions]
+        lengths = (training.max_prompt_length, training.max_length)
+        real_pairs = [encode_pair_side(tokenizer, e.prompt, e.real, *lengths) for e in examples]
+        # The opponent's answers are scored as the tokens it sampled (as training does).
         gen_pairs = [
-            encode_pair_side(tokenizer, e.prompt, g, training.max_prompt_length, training.max_length)
-            for e, g in zip(examples, generated, strict=True)
+            encode_generated_side(tokenizer, e.prompt, c.token_ids, *lengths)
+            for e, c in zip(examples, completions, strict=True)
         ]
         opp_real, opp_gen = opponent.score(real_pairs), opponent.score(gen_pairs)
         baseline = None
         if ev.scorer and t == 1:
-            answers = greedy_answers(opponent, tokenizer, examples, training.max_prompt_length, max_new)
+            answers = greedy_answers(opponent, tokenizer, examples, training.max_prompt_length, max_new, stops)
             baseline = task_score(ev.scorer, examples, answers)
     finally:
         opponent.close()
@@ -86,7 +101,7 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
         new_real, new_gen = new.score(real_pairs), new.score(gen_pairs)
         score = None
         if ev.scorer:
-            answers = greedy_answers(new, tokenizer, examples, training.max_prompt_length, max_new)
+            answers = greedy_answers(new, tokenizer, examples, training.max_prompt_length, max_new, stops)
             score = task_score(ev.scorer, examples, answers)
     finally:
         new.close()

@@ -6,7 +6,9 @@ published as the artefact `iter-<t>/generated/shard-<i>-of-<n>`. Publishing is t
 manifest is written last, put-if-absent), so a killed shard leaves nothing published and a rerun starts over; a
 published shard is never redone.
 
-Prompts are token ids from `chat.prompt_token_ids` (exactly what the trainer puts before each answer). Each prompt
+Prompts are token ids from `chat.prompt_token_ids` (exactly what the trainer puts before each answer); the rows keep
+the ids each answer was sampled as (`generated_token_ids`), which the trainer trains on. Generation stops at the
+chat template's turn terminator as well as at EOS (`chat.stop_token_ids`). Each prompt
 samples with its own seed, derived from generation.seed, the iteration and the prompt id: a rerun gives the same
 answers, whatever the number of shards.
 """
@@ -25,7 +27,8 @@ from spin_core import layout
 from spin_core.context import RunContext
 from spin_core.engines import BACKENDS, Engine, Sampling, derive_seed, open_engine, resolve_dtype
 from spin_core.errors import SpinError
-from spin_core.rows import GeneratedRow, OpponentLogps, write_rows
+from spin_core.inputs import truncation_note
+from spin_core.rows import TOKENIZATION, GeneratedRow, OpponentLogps, write_rows
 from spin_core.store import AlreadyPublished
 
 
@@ -168,8 +171,11 @@ def run_shard(
         _log(f"  ... and {len(loaded.skipped) - 3} more bad rows")
 
     prompts = [chat.prompt_token_ids(tokenizer, ex.prompt, tr.max_prompt_length) for ex in examples]
+    if note := truncation_note(tokenizer, [ex.prompt for ex in examples], tr.max_prompt_length):
+        _log(f"iteration {iteration}, shard {index}/{g.shards}: {note}")
     seeds = [derive_seed(g.seed, iteration, ex.id) for ex in examples]
-    sampling = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
+    stops = tuple(chat.stop_token_ids(tokenizer, model_dir))
+    sampling = Sampling(g.temperature, g.top_p, g.max_new_tokens, stop_token_ids=stops)
 
     own_engine = engine is None and bool(examples)
     startup = 0.0
@@ -180,9 +186,8 @@ def run_shard(
         t0 = time.perf_counter()
         completions = engine.generate(prompts, seeds, sampling) if examples else []
         generate_seconds = time.perf_counter() - t0
-        # The answer's text leaves out the stop token (the trainer closes every answer with EOS itself).
-        answers = [c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids for c in completions]
-        texts = tokenizer.batch_decode(answers, skip_special_tokens=True) if answers else []
+        # The text is for people and the identical-pair check; the trainer trains on the sampled ids themselves.
+        texts = [chat.decode_answer(tokenizer, c.token_ids, stops) for c in completions]
         logps: list[OpponentLogps | None] = [None] * len(examples)
         score_seconds = 0.0
         if want_logprobs and examples:
@@ -190,13 +195,16 @@ def run_shard(
             lengths = (tr.max_prompt_length, tr.max_length)
             real = [chat.encode_pair_side(tokenizer, ex.prompt, ex.real, *lengths) for ex in examples]
             generated = [
-                chat.encode_pair_side(tokenizer, ex.prompt, text, *lengths)
-                for ex, text in zip(examples, texts, strict=True)
+                chat.encode_generated_side(tokenizer, ex.prompt, c.token_ids, *lengths)
+                for ex, c in zip(examples, completions, strict=True)
             ]
             scores = engine.score(real + generated)
             n = len(examples)
             logps = [
-                OpponentLogps(scores[i], scores[n + i], tr.max_length, tr.max_prompt_length, dtype) for i in range(n)
+                OpponentLogps(
+                    scores[i], scores[n + i], tr.max_length, tr.max_prompt_length, dtype, tokenization=TOKENIZATION
+                )
+                for i in range(n)
             ]
             score_seconds = time.perf_counter() - t0
     finally:
@@ -215,6 +223,7 @@ def run_shard(
             iteration=iteration,
             shard=index,
             opponent_logps=lp,
+            generated_token_ids=list(c.token_ids),
         )
         for ex, c, text, lp in zip(examples, completions, texts, logps, strict=True)
     ]

@@ -16,12 +16,22 @@ def spin_loss(
     opponent_generated_logps: torch.Tensor,
     beta: float,
     loss_type: str = "sigmoid",
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example losses and the (detached) rewards of the real and generated answers, all shape (batch,).
 
     logits = (policy_real - policy_generated) - (opponent_real - opponent_generated)
     sigmoid: -logsigmoid(beta * logits)  ·  hinge: relu(1 - beta * logits)  ·  ipo: (logits - 1 / (2 beta))^2
+
+    `lengths` (token counts of the real and generated answers): IPO's target 1 / (2 beta) is a margin of per-token
+    mean log-probs (as the IPO authors and TRL define it), so with lengths given the IPO log-probs (and rewards) are
+    divided by them; sigmoid and hinge ignore lengths.
     """
+    if loss_type == "ipo" and lengths is not None:
+        real_n, gen_n = (n.to(policy_real_logps.dtype).clamp(min=1) for n in lengths)
+        policy_real_logps, opponent_real_logps = policy_real_logps / real_n, opponent_real_logps / real_n
+        policy_generated_logps = policy_generated_logps / gen_n
+        opponent_generated_logps = opponent_generated_logps / gen_n
     logits = (policy_real_logps - policy_generated_logps) - (opponent_real_logps - opponent_generated_logps)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * logits)
@@ -101,16 +111,24 @@ def spin_objective(
     policy_real_token_logps: torch.Tensor | None = None,
     base_real_token_logps: torch.Tensor | None = None,
     real_token_mask: torch.Tensor | None = None,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """SPIN plus the opt-in regularisers, per example: (losses, real rewards, generated rewards, terms).
 
     losses = spin_loss + sft_weight * nll_per_token(real) + kl_to_base * k3_per_token(real tokens vs base)
     `terms` holds the detached per-example parts that are on: "spin", and "sft" / "kl" when their weight is > 0.
+    `lengths`: the answers' token counts, for IPO's per-token target (see spin_loss).
     The opponent log-probs are whatever the caller passes (M_{t-1}'s, or `mixture_logps` of several iterates).
     With both weights 0 the returned losses are spin_loss's tensor itself: the paper's method, bit for bit.
     """
     losses, real_rewards, generated_rewards = spin_loss(
-        policy_real_logps, policy_generated_logps, opponent_real_logps, opponent_generated_logps, beta, loss_type
+        policy_real_logps,
+        policy_generated_logps,
+        opponent_real_logps,
+        opponent_generated_logps,
+        beta,
+        loss_type,
+        lengths,
     )
     terms = {"spin": losses.detach()}
     if sft_weight < 0 or kl_to_base < 0:

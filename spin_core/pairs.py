@@ -1,6 +1,7 @@
-"""Training pairs of iteration t: the published shards of t and the `mixPreviousIterations` before it, tokenised
-exactly as generation tokenised them, plus per-sequence log-prob helpers (one forward per batch: the prompt shared
-by both answers, or both sides as rows of one concatenated batch)."""
+"""Training pairs of iteration t: the published shards of t and the `mixPreviousIterations` before it, as token ids
+(`spin_core.chat`: the prompt generation fed the engine, the real answer in context, the generated answer as sampled),
+plus per-sequence log-prob helpers (one forward per batch: the prompt shared by both answers, or both sides as rows of
+one concatenated batch) that gather the answer tokens' log-probs without a full-vocabulary float32 log-softmax."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from spin_core import chat, layout
 from spin_core.context import RunContext
 from spin_core.errors import SpinError
+from spin_core.logprobs import chosen_logprobs
 from spin_core.planner import training_iterations
-from spin_core.rows import read_rows
+from spin_core.rows import TOKENIZATION, read_rows
 
 
 @dataclass
@@ -27,12 +29,29 @@ class Pair:
     opponent: tuple[float, float] | None  # (real, generated) under M_{t-1}, when the row's values can be reused
     older: list[tuple[float, float]] = field(default_factory=list)  # under M_{t-2}, M_{t-3}, ... (mixture opponent)
     base_real_tokens: Any = None  # per-token log-probs of the real answer under M_0 (1-D float32 tensor; klToBase)
+    truncated: bool = False  # the generated answer was cut at maxNewTokens (finish_reason length): no terminator
+    retokenized: bool = False  # an answer's tokens could not be taken from the conversation or the sampled ids
 
 
-def load_pairs(ctx: RunContext, t: int, tokenizer) -> list[Pair]:
-    """Every pair iteration t trains on; a clear error when a shard is missing or nothing is left."""
+def _generated_ids(tokenizer, row, lengths: tuple[int, int]) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, generated answer ids, retokenized) of a row: the sampled ids; for rows written before they were
+    stored, the text tokenised in context (without the terminator when generation was cut at maxNewTokens)."""
+    if row.generated_token_ids is not None:
+        return (*chat.encode_generated_side(tokenizer, row.prompt, row.generated_token_ids, *lengths), False)
+    ids, _ = chat.answer_in_context(tokenizer, row.prompt, row.generated)
+    if row.finish_reason != "stop":
+        ids = ids[:-1] or ids
+    return (*chat.encode_generated_side(tokenizer, row.prompt, ids, *lengths), True)
+
+
+def load_pairs(ctx: RunContext, t: int, tokenizer, reuse_dtype: str | None = "float32") -> list[Pair]:
+    """Every pair iteration t trains on; a clear error when a shard is missing or nothing is left.
+
+    The generating model's stored log-probs are reused as the opponent's only when they were computed on the same
+    tokens (lengths and tokenisation) in `reuse_dtype` (None: never, e.g. when training in bfloat16)."""
     spec = ctx.run.spec
     shards, training = spec.generation.shards, spec.training
+    lengths = (training.max_prompt_length, training.max_length)
     pairs: list[Pair] = []
     for i in training_iterations(spec, t):
         keys = [layout.shard(i, s, shards) for s in range(shards)]
@@ -43,19 +62,31 @@ def load_pairs(ctx: RunContext, t: int, tokenizer) -> list[Pair]:
                 f"shards are not published (first: {ctx.store.uri_of(missing[0])}): run generation first"
             )
         for key in keys:
-            for row in read_rows(ctx.store.fetch(key) / layout.SHARD_ROWS, ctx.store.uri_of(key)):
-                lengths = (training.max_prompt_length, training.max_length)
-                p, real = chat.encode_pair_side(tokenizer, row.prompt, row.real, *lengths)
-                _, generated = chat.encode_pair_side(tokenizer, row.prompt, row.generated, *lengths)
+            source = ctx.store.uri_of(key)
+            for row in read_rows(ctx.store.fetch(key) / layout.SHARD_ROWS, source):
+                p, real, exact = chat.encode_pair_side_exact(tokenizer, row.prompt, row.real, *lengths)
+                _, generated, from_text = _generated_ids(tokenizer, row, lengths)
+                if row.generated_token_ids is not None and row.prompt_tokens != len(p):
+                    raise SpinError(
+                        f"{source}: row {row.id} was generated from a prompt of {row.prompt_tokens} tokens, but the "
+                        f"trainer's prompt has {len(p)}: the tokenizer, its chat template or maxPromptLength changed "
+                        "between generation and training"
+                    )
                 o = row.opponent_logps
                 reusable = (
                     o is not None
                     and row.iteration == t  # older rows were written by older models: not M_{t-1}
-                    and o.dtype == "float32"
+                    and reuse_dtype is not None
+                    and o.dtype == reuse_dtype
+                    and o.tokenization == TOKENIZATION
                     and (o.max_prompt_length, o.max_length) == lengths
                 )
                 opponent = (o.real, o.generated) if reusable else None
-                pairs.append(Pair(row.id, i, p, real, generated, row.real.strip() == row.generated.strip(), opponent))
+                identical = row.real.strip() == row.generated.strip()
+                pair = Pair(row.id, i, p, real, generated, identical, opponent)
+                pair.truncated = row.finish_reason == "length"
+                pair.retokenized = from_text or not exact
+                pairs.append(pair)
     if not pairs:
         raise SpinError(f"iteration {t} has no training pairs: the generation shards hold no rows")
     return pairs
@@ -81,12 +112,19 @@ def sequence_token_logps(
     model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token log-probs, keep): log-prob of each labelled (answer) token, 0 elsewhere, shape (batch, width - 1),
-    and the mask of those tokens; one forward."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    and the mask of those tokens; one forward (no KV cache), log-probs of the labelled positions only."""
+    device = _device_of(model)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != -100
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return token_logps * keep, keep
+    token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+    token_logps[keep] = chosen_logprobs(logits[keep], targets[keep])
+    return token_logps, keep
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def sequence_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,8 +198,8 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def packed_token_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(real token log-probs, real keep, generated token log-probs, generated keep) from one shared-prompt forward;
-    token log-probs are 0 where keep is False."""
+    """(real token log-probs, real keep, generated token log-probs, generated keep) from one shared-prompt forward
+    (no KV cache); token log-probs are 0 where keep is False."""
     packed = packed_tensors(pairs, pad_id)
     first = next(model.parameters())
     device, dtype = first.device, first.dtype if first.dtype.is_floating_point else torch.float32
@@ -169,6 +207,7 @@ def packed_token_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Ten
         input_ids=packed.ids.to(device),
         attention_mask=_additive(packed.allowed, dtype).to(device),
         position_ids=packed.positions.to(device),
+        use_cache=False,
     ).logits
     rows = torch.arange(len(pairs), device=device).unsqueeze(1)
     out = []
@@ -176,9 +215,10 @@ def packed_token_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Ten
         (packed.real_at, packed.real_targets, packed.real_keep),
         (packed.gen_at, packed.gen_targets, packed.gen_keep),
     ):
-        chosen = logits[rows, at.to(device)].float().log_softmax(-1)  # only the positions that predict answers
         keep = keep.to(device)
-        token_logps = torch.gather(chosen, 2, targets.to(device).unsqueeze(-1)).squeeze(-1) * keep
+        chosen = logits[rows, at.to(device)]  # only the positions that predict answers
+        token_logps = torch.zeros(keep.shape, dtype=torch.float32, device=device)
+        token_logps[keep] = chosen_logprobs(chosen[keep], targets.to(device)[keep])
         out += [token_logps, keep]
     return tuple(out)
 
@@ -229,15 +269,21 @@ def real_token_counts(pairs: list[Pair], device=None) -> torch.Tensor:
     return torch.tensor([len(p.real) for p in pairs], dtype=torch.float32, device=device)
 
 
-def select_pairs(pairs: list[Pair], drop_identical: bool) -> tuple[list[Pair], dict[str, float]]:
+def select_pairs(
+    pairs: list[Pair], drop_identical: bool, drop_truncated: bool = False
+) -> tuple[list[Pair], dict[str, float]]:
     """The pairs to train on and their counts: pairs whose generated answer equals the real one are always counted
-    (pairs/identical, pairs/identical_share) and dropped when `drop_identical` (pairs/dropped)."""
+    (pairs/identical, pairs/identical_share) and dropped when `drop_identical`; pairs whose generated answer was cut
+    at maxNewTokens are counted (pairs/truncated) and dropped when `drop_truncated`; pairs/dropped counts both."""
     identical = sum(p.identical for p in pairs)
-    kept = [p for p in pairs if not p.identical] if drop_identical else list(pairs)
+    truncated = sum(p.truncated for p in pairs)
+    kept = [p for p in pairs if not (drop_identical and p.identical) and not (drop_truncated and p.truncated)]
     stats = {
         "pairs/total": len(pairs),
         "pairs/identical": identical,
         "pairs/identical_share": identical / len(pairs) if pairs else 0.0,
+        "pairs/truncated": truncated,
+        "pairs/retokenized": sum(p.retokenized for p in pairs),
         "pairs/dropped": len(pairs) - len(kept),
         "pairs/trained": len(kept),
     }

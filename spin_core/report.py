@@ -42,7 +42,13 @@ def collect(store: Store) -> tuple[dict[str, Any], dict[int, dict[str, Any]], di
     except NotPublished:
         raise SpinError(f"{store.uri} holds no run (no {layout.RUN}): is this the run's storage.uri?") from None
     metrics, evals = {}, {}
-    for t in range(1, int(run["spec"].get("iterations", 0)) + 1):
+    # A continued run may go past run.json's iterations (spec.iterations may grow): read what is there.
+    found = {
+        int(head[len("iter-") :])
+        for key, _ in store.backend.list("iter-")
+        if (head := key.split("/", 1)[0])[len("iter-") :].isdigit() and key.count("/") == 1
+    }
+    for t in range(1, max([int(run["spec"].get("iterations", 0)), *found]) + 1):
         for key, target in ((layout.metrics(t), metrics), (layout.evaluation(t), evals)):
             with contextlib.suppress(NotPublished):
                 target[t] = store.read_json(key)

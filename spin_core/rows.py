@@ -10,17 +10,23 @@ from typing import Any
 
 from spin_core.errors import SpinError
 
+# How the rows' answers become tokens (spin_core.chat): the real answer in context, the generated one as sampled.
+# Opponent log-probs computed with another tokenisation (older rows lack the field) are not reused.
+TOKENIZATION = "in-context-v2"
+
 
 @dataclass
 class OpponentLogps:
     """Summed log-probs of both answers under the generating model M_{t-1}, as the trainer would compute them
-    (same tokens: `chat.encode_pair_side` with these lengths). The trainer reuses them only if all fields match."""
+    (same tokens: `chat.encode_pair_side` / `encode_generated_side` with these lengths). The trainer reuses them only
+    if all fields match its own settings."""
 
     real: float
     generated: float
     max_length: int
     max_prompt_length: int
-    dtype: str  # "float32" is the only dtype the trainer trusts
+    dtype: str  # "float32" is the only dtype the trainer trusts, and only when it trains in float32
+    tokenization: str | None = None  # TOKENIZATION when the answers were tokenised as the trainer does
 
 
 @dataclass
@@ -36,11 +42,16 @@ class GeneratedRow:
     shard: int
     opponent_logps: OpponentLogps | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The ids the engine sampled, its stop token included when finish_reason is "stop": what the trainer trains on.
+    # Rows written before this field existed have None (the trainer then tokenises `generated`, see spin_core.pairs).
+    generated_token_ids: list[int] | None = None
 
     def to_json(self) -> str:
         doc = asdict(self)
         if self.opponent_logps is None:
             doc.pop("opponent_logps")
+        if self.generated_token_ids is None:
+            doc.pop("generated_token_ids")
         if not self.extra:
             doc.pop("extra")
         return json.dumps(doc, ensure_ascii=False)
@@ -48,6 +59,9 @@ class GeneratedRow:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> GeneratedRow:
         logps = doc.get("opponent_logps")
+        ids = doc.get("generated_token_ids")
+        if ids is not None and not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
+            raise TypeError("generated_token_ids must be a list of non-negative integers")
         return cls(**{**doc, "opponent_logps": OpponentLogps(**logps) if logps else None})
 
 

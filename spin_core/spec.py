@@ -452,6 +452,9 @@ class Training(Placement):
     drop_identical_pairs: bool = False
     """Drop pairs whose generated answer equals the real one (they carry no SPIN gradient); they are counted
     and reported either way."""
+    truncated_answers: Literal["keep", "drop"] = "keep"
+    """Generated answers cut at generation.maxNewTokens: keep them as sampled (no end-of-turn token is
+    invented), or drop their pairs; counted either way (pairs/truncated)."""
     collapse_warn_nats: float = Field(default=1.0, gt=0.0)
     """Warn (log, metrics.json, status) when the mean log p(real answer) under the policy falls by more than
     this many nats during an iteration (last quarter of steps vs M_{t-1} on the same pairs)."""

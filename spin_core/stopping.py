@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spin_core.errors import SpinError
+from spin_core.errors import SpinError, StepFailed
 
 Scorer = Callable[[str, str, str], float]
 
@@ -35,15 +35,22 @@ def load_scorer(reference: str) -> Scorer:
     return fn  # type: ignore[return-value]
 
 
-def call_scorer(scorer: Scorer, reference: str, prompt: str, real: str, generated: str) -> float:
-    """Call the scorer; an exception or a non-number becomes a clear SpinError."""
+def call_scorer(
+    scorer: Scorer, reference: str, prompt: str, real: str, generated: str, row: str | None = None
+) -> float:
+    """Call the scorer; an exception or a non-number is a failed step (StepFailed) naming the row (`row`: its id)."""
+    on = f" on row {row!r} (prompt {_short(prompt)})" if row is not None else ""
     try:
         value = scorer(prompt, real, generated)
     except Exception as e:
-        raise SpinError(f"evaluation.scorer {reference!r} raised {type(e).__name__}: {e}") from None
+        raise StepFailed(f"evaluation.scorer {reference!r} raised {type(e).__name__}{on}: {e}") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise SpinError(f"evaluation.scorer {reference!r} returned {value!r}; it must return a number")
+        raise StepFailed(f"evaluation.scorer {reference!r} returned {value!r}{on}; it must return a number")
     return float(value)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ Plain inputs the user uploaded (the SFT model, the dataset) carry no manifest: `
 into the cache keyed by URI and ETag/mtime.
 
 Downloads land in a staging folder under `cache_dir()` that is renamed into place only once complete and
-verified, so a cache folder that exists is complete.
+verified, so a cache folder that exists is complete. A file lock per cache entry makes the processes sharing a
+cache (the ranks of a training pod) download an artefact once: the others wait and then find it in place.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from spin_core.errors import SpinError
+from spin_core.errors import STEP_FAILED, SpinError
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 8 * 1024 * 1024
@@ -56,7 +57,32 @@ class AlreadyPublished(StoreError):
 
 
 class IntegrityError(StoreError):
-    """Downloaded bytes do not match the manifest."""
+    """Stored bytes do not match their manifest or checksum: the artefact or document at `uri` is corrupt (a failed
+    step's leftover or damage after publishing, not a problem with the input)."""
+
+    exit_code = STEP_FAILED
+
+    def __init__(self, message: str, uri: str | None = None):
+        super().__init__(message)
+        self.uri = uri
+
+
+class StoreUnreachable(StoreError):
+    """The storage could not be reached (network, endpoint down): a failed step, worth retrying."""
+
+    exit_code = STEP_FAILED
+
+
+CHECKSUM = "checksum"
+"""The key of a JSON document's own checksum (`sha256:<hex>` of the rest of the document, `document_checksum`)."""
+
+
+def document_checksum(document: dict[str, Any]) -> str:
+    """sha256 of a JSON document without its checksum key, over a canonical form (sorted keys, no spaces), so that
+    re-serialising the same values gives the same checksum."""
+    body = {k: v for k, v in document.items() if k != CHECKSUM}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -106,7 +132,7 @@ class Manifest:
                 _check_name(name, where)
                 int(info["size"]), str(info["sha256"])
         except (ValueError, KeyError, TypeError, AttributeError, StoreError) as e:
-            raise IntegrityError(f"the manifest of {where} is malformed: {e}") from None
+            raise IntegrityError(f"the manifest of {where} is malformed: {e}", where) from None
         return manifest
 
     @property
@@ -131,6 +157,10 @@ class Backend:
         return iter(())
 
     def delete(self, keys: list[str]) -> None: ...
+    def sha256(self, key: str) -> tuple[int, str]:
+        """(size, sha256 hex) of a stored file, read as a stream (nothing is cached)."""
+        raise NotImplementedError
+
     def local_path(self, key: str) -> Path | None:
         """The key as a local file, when the backend is a file system."""
         return None
@@ -229,9 +259,26 @@ class LocalBackend(Backend):
                         yield rel, full.stat().st_size
 
     def delete(self, keys: list[str]) -> None:
+        """Remove files, then the folders they leave empty (up to the root): no empty attempt folders remain."""
+        root = self._path("")
+        folders = set()
         for key in keys:
             with contextlib.suppress(FileNotFoundError), self._errors(key):
-                self._path(key).unlink()
+                path = self._path(key)
+                folders.add(path.parent)
+                path.unlink()
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            while folder != root and root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): its parents are not empty either
+                    break
+                folder = folder.parent
+
+    def sha256(self, key: str) -> tuple[int, str]:
+        with self._errors(key):
+            path = self._path(key)
+            return path.stat().st_size, sha256_file(path)
 
 
 class S3Backend(Backend):
@@ -302,7 +349,7 @@ class S3Backend(Backend):
                 raise self._no_bucket() from None
             raise StoreError(f"upload to {where}{via} failed: {text}") from None
         except BotoCoreError as e:
-            raise StoreError(f"cannot reach S3 for {where}{via}: {e}") from None
+            raise StoreUnreachable(f"cannot reach S3 for {where}{via}: {e}") from None
 
     def _check_bucket(self) -> None:
         """HEAD on a missing key and on a missing bucket both answer 404: tell them apart (once)."""
@@ -371,6 +418,15 @@ class S3Backend(Backend):
         for key, size, _ in self.objects(prefix):
             yield key, size
 
+    def sha256(self, key: str) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
+        with self._errors(key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            while chunk := body.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return size, digest.hexdigest()
+
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
@@ -429,15 +485,26 @@ class Store:
 
     # -- JSON documents ----------------------------------------------------------------------------
     def publish_json(self, key: str, document: Any) -> None:
-        """Write a JSON document once; raises AlreadyPublished if it exists."""
+        """Write a JSON document once; raises AlreadyPublished if it exists. An object carries its own checksum
+        (`checksum`), which `read_json` verifies: an edited or damaged document is refused."""
+        if isinstance(document, dict):
+            document = {**document, CHECKSUM: document_checksum(document)}
         self.backend.put_bytes(key, json.dumps(document, indent=1, sort_keys=True).encode(), if_absent=True)
 
-    def read_json(self, key: str) -> Any:
+    def read_json(self, key: str, *, verified: bool = True) -> Any:
+        """A JSON document, its checksum verified and removed (documents published without one are returned as
+        they are; `verified=False` skips the check)."""
+        uri = self.uri_of(key)
         data = self.backend.get_bytes(key)
         try:
-            return json.loads(data)
-        except json.JSONDecodeError as e:
-            raise IntegrityError(f"{self.uri_of(key)} is not valid JSON: {e}") from None
+            document = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"{uri} is not valid JSON ({e}): the document is corrupt", uri) from None
+        if not isinstance(document, dict) or CHECKSUM not in document:
+            return document
+        if verified and document[CHECKSUM] != document_checksum(document):
+            raise IntegrityError(f"{uri} is corrupt: changed after publishing (its checksum does not match)", uri)
+        return {k: v for k, v in document.items() if k != CHECKSUM}
 
     def exists(self, key: str) -> bool:
         return self.backend.stat(key) is not None
@@ -518,6 +585,12 @@ class Store:
         target = cache_dir() / "artefacts" / tag
         if target.is_dir():
             return target
+        with _download_lock(target):
+            if target.is_dir():  # another process of this machine downloaded it while we waited
+                return target
+            return self._download(key, manifest, target, tag)
+
+    def _download(self, key: str, manifest: Manifest, target: Path, tag: str) -> Path:
         staging = Path(tempfile.mkdtemp(dir=_mkdir(cache_dir() / "artefacts"), prefix=f".{tag}-"))
         try:
 
@@ -527,7 +600,8 @@ class Store:
                 try:
                     self.backend.get_file(f"{key}/{manifest.attempt}/{name}", dest, manifest.files[name]["size"])
                 except NotPublished:
-                    raise IntegrityError(f"{self.uri_of(key)}: {name} listed in the manifest is missing") from None
+                    uri = self.uri_of(key)
+                    raise IntegrityError(f"{uri} is corrupt: {name} listed in the manifest is missing", uri) from None
 
             _parallel(download, manifest.files)
             _verify(manifest, staging, self.uri_of(key))
@@ -557,15 +631,25 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def _download_lock(target: Path):
+    """An exclusive lock on one cache entry, shared by every process using this cache folder (lock files live apart,
+    in `<cache>/locks`, so that a cache folder holds only complete downloads)."""
+    from filelock import FileLock
+
+    return FileLock(str(_mkdir(cache_dir() / "locks") / f"{target.parent.name}-{target.name}.lock"))
+
+
 def _verify(manifest: Manifest, folder: Path, where: str) -> None:
     for name, info in manifest.files.items():
         path = folder / name
         if not path.is_file():
-            raise IntegrityError(f"{where}: {name} listed in the manifest is missing")
+            raise IntegrityError(f"{where} is corrupt: {name} listed in the manifest is missing", where)
         if path.stat().st_size != info["size"]:
-            raise IntegrityError(f"{where}: {name} has {path.stat().st_size} bytes, manifest says {info['size']}")
+            raise IntegrityError(
+                f"{where} is corrupt: {name} has {path.stat().st_size} bytes, its manifest says {info['size']}", where
+            )
         if sha256_file(path) != info["sha256"]:
-            raise IntegrityError(f"{where}: {name} does not match its sha256 in the manifest")
+            raise IntegrityError(f"{where} is corrupt: {name} does not match its sha256 in the manifest", where)
 
 
 def fetch_input(uri: str, endpoint: str | None = None, region: str | None = None) -> Path:
@@ -606,6 +690,13 @@ def fetch_input(uri: str, endpoint: str | None = None, region: str | None = None
     result = target / entries[0][1] if single else target
     if target.is_dir():
         return result
+    with _download_lock(target):
+        if not target.is_dir():
+            _download_input(bucket_root, entries, target, tag)
+    return result
+
+
+def _download_input(bucket_root: S3Backend, entries: list[tuple[str, str, int, str]], target: Path, tag: str) -> None:
     staging = Path(tempfile.mkdtemp(dir=_mkdir(cache_dir() / "inputs"), prefix=f".{tag}-"))
     try:
 
@@ -618,4 +709,3 @@ def fetch_input(uri: str, endpoint: str | None = None, region: str | None = None
         _install(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return result

@@ -11,7 +11,7 @@ from tokenizers import processors
 
 from spin_core.chat import (
     ChatTemplateError,
-    answer_token_ids,
+    answer_in_context,
     encode_pair_side,
     load_tokenizer,
     prompt_token_ids,
@@ -54,12 +54,17 @@ def test_prompt_is_truncated_from_the_left(tokenizer: Any) -> None:
         prompt_token_ids(tokenizer, PROMPT, 0)
 
 
-def test_answer_ids_end_with_eos(tokenizer: Any) -> None:
-    ids = answer_token_ids(tokenizer, "19 apples\nand  pears")
-    assert ids[-1] == tokenizer.eos_token_id
+def in_context(tokenizer: Any, answer: str, prompt=PROMPT) -> list[int]:
+    ids, exact = answer_in_context(tokenizer, prompt, answer)
+    assert exact
+    return ids
+
+
+def test_answer_ids_end_with_the_turn_terminator(tokenizer: Any) -> None:
+    ids = in_context(tokenizer, "19 apples\nand  pears")
+    assert ids[-1] == tokenizer.eos_token_id  # this template closes a turn with EOS
     assert tokenizer.bos_token_id not in ids
     assert tokenizer.decode(ids[:-1]) == "19 apples\nand  pears"
-    assert answer_token_ids(tokenizer, "19", add_eos=False) == ids[: len(answer_token_ids(tokenizer, "19")) - 1]
 
 
 def test_training_side_equals_generation_side(tokenizer: Any, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -86,7 +91,7 @@ def test_pair_is_the_chat_template_of_the_whole_conversation(tokenizer: Any) -> 
 def test_answer_is_truncated_from_the_right_and_keeps_eos_when_it_fits(tokenizer: Any) -> None:
     answer = "one two three four five six seven"
     prompt_full = prompt_token_ids(tokenizer, PROMPT, 512)
-    answer_full = answer_token_ids(tokenizer, answer)
+    answer_full = in_context(tokenizer, answer)
     exact = len(prompt_full) + len(answer_full)
 
     prompt_ids, answer_ids = encode_pair_side(tokenizer, PROMPT, answer, 512, exact)
@@ -107,7 +112,7 @@ def test_both_truncations_together(tokenizer: Any) -> None:
     answer = "a long answer " * 30
     prompt_ids, answer_ids = encode_pair_side(tokenizer, prompt, answer, 16, 24)
     assert prompt_ids == prompt_token_ids(tokenizer, prompt, 10_000)[-16:]
-    assert answer_ids == answer_token_ids(tokenizer, answer)[:8]
+    assert answer_ids == answer_in_context(tokenizer, prompt, answer)[0][:8]
     assert len(prompt_ids) + len(answer_ids) == 24
 
 
@@ -118,7 +123,7 @@ def test_pair_without_room_for_the_answer(tokenizer: Any) -> None:
     # a short prompt leaves room even when maxPromptLength >= maxLength
     prompt_ids, answer_ids = encode_pair_side(tokenizer, PROMPT, "19", 100, 100)
     assert prompt_ids == prompt_token_ids(tokenizer, PROMPT, 100)
-    assert answer_ids == answer_token_ids(tokenizer, "19")
+    assert answer_ids == answer_in_context(tokenizer, PROMPT, "19")[0]
 
 
 def test_no_chat_template_is_a_clear_error(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ import pytest
 from spin_core import spec
 from tests.cluster.api import Api, ApiError, Credentials
 from tests.cluster.controlplane import free_ports
-from tests.fixtures.cluster import Cluster
-from tests.test_cluster_crd import CRD_NAME, delete_crd, established, spinruns_path, tiny_spinrun
+from tests.fixtures.cluster import Cluster, spinruns_path
+from tests.test_cluster_crd import CRD_NAME, delete_crd, established, tiny_spinrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

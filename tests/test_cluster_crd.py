@@ -22,7 +22,7 @@ from spin_core import resource, spec
 from spin_core.errors import SpinError
 from tests import test_spec
 from tests.cluster.api import ApiError
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, spinruns_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -120,10 +120,6 @@ def tiny_spinrun(namespace: str, name: str = "tiny") -> dict[str, Any]:
     doc = yaml.safe_load((ROOT / "manifests" / "examples" / "spinrun-tiny.yaml").read_text())
     doc["metadata"] = {"name": name, "namespace": namespace}
     return doc
-
-
-def spinruns_path(namespace: str) -> str:
-    return f"/apis/{spec.GROUP}/{spec.VERSION}/namespaces/{namespace}/spinruns"
 
 
 def test_a_valid_spinrun_is_accepted_and_defaulted(

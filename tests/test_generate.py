@@ -142,9 +142,13 @@ def test_hf_shard_rows_tokens_and_logprobs(tmp_path, tiny_model_dir, tiny_datase
     # The opponent log-probs against an independent float32 forward, one sequence at a time, no padding.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     worst = 0.0
+    lengths = (tr.max_prompt_length, tr.max_length)
     for row in rows:
-        for answer, stored in ((row.real, row.opponent_logps.real), (row.generated, row.opponent_logps.generated)):
-            p, a = chat.encode_pair_side(tokenizer, row.prompt, answer, tr.max_prompt_length, tr.max_length)
+        # The real answer in context; the generated one as the ids the engine sampled (stored in the row).
+        real = chat.encode_pair_side(tokenizer, row.prompt, row.real, *lengths)
+        generated = chat.encode_generated_side(tokenizer, row.prompt, row.generated_token_ids, *lengths)
+        assert generated[1] == row.generated_token_ids[: tr.max_length - len(generated[0])]
+        for (p, a), stored in ((real, row.opponent_logps.real), (generated, row.opponent_logps.generated)):
             ids = torch.tensor([p + a])
             with torch.no_grad():
                 logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)

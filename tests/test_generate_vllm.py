@@ -105,9 +105,11 @@ def test_vllm_opponent_logprobs_match_a_float32_forward(vllm_engine, tmp_path, t
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tr = ctx.run.spec.training
     worst, count = 0.0, 0
+    lengths = (tr.max_prompt_length, tr.max_length)
     for row in rows:
-        for answer, stored in ((row.real, row.opponent_logps.real), (row.generated, row.opponent_logps.generated)):
-            p, a = chat.encode_pair_side(tokenizer, row.prompt, answer, tr.max_prompt_length, tr.max_length)
+        real = chat.encode_pair_side(tokenizer, row.prompt, row.real, *lengths)
+        generated = chat.encode_generated_side(tokenizer, row.prompt, row.generated_token_ids, *lengths)
+        for (p, a), stored in ((real, row.opponent_logps.real), (generated, row.opponent_logps.generated)):
             ids = torch.tensor([p + a])
             with torch.no_grad():
                 logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
@@ -119,7 +121,7 @@ def test_vllm_opponent_logprobs_match_a_float32_forward(vllm_engine, tmp_path, t
 
     # The hf engine's scores of the same pairs agree as well (both backends store interchangeable log-probs).
     hf = open_engine("hf", tiny_model_dir)
-    pairs = [chat.encode_pair_side(tokenizer, r.prompt, r.generated, tr.max_prompt_length, tr.max_length) for r in rows]
+    pairs = [chat.encode_generated_side(tokenizer, r.prompt, r.generated_token_ids, *lengths) for r in rows]
     hf_scores = hf.score(pairs)
     assert max(abs(h - r.opponent_logps.generated) for h, r in zip(hf_scores, rows, strict=True)) < 1e-3
 
@@ -186,3 +188,38 @@ def test_vllm_seeded_prompts_beyond_one_step_budget(vllm_engine):
     assert len(together) == 120 and all(len(c.token_ids) == 4 for c in together)
     alone = vllm_engine.generate(prompts[-3:], seeds[-3:], sampling)
     assert [c.token_ids for c in alone] == [c.token_ids for c in together[-3:]]
+
+
+def test_vllm_stops_at_the_templates_terminator_and_rows_keep_the_sampled_ids(tmp_path):
+    """A Gemma-style model whose generation_config.json lists only <eos>: vLLM still stops at the template's
+    <end_of_turn> (chat.stop_token_ids), reports the trainer's prompt ids, and the trainer gets the sampled ids."""
+    import math
+
+    from spin_core.pairs import load_pairs
+    from tests.fixtures.families import FAMILIES, steer_to
+    from tests.test_tokens import MAX_NEW, write_run
+
+    family = FAMILIES["gemma"]
+    model = family.build(tmp_path / "model", model=True, generation_eos=(family.eos,))
+    tokenizer = chat.load_tokenizer(model, "gemma")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    steer_to(model, end_of_turn, math.log(0.5 / 0.5 * len(tokenizer)))
+    ctx = RunContext.from_file(write_run(tmp_path, model, backend="vllm"))
+    engine = open_engine("vllm", model, **engine_settings(ctx, want_logprobs=False))
+    try:
+        examples = _examples(tmp_path / "data.jsonl")
+        prompts = [chat.prompt_token_ids(tokenizer, ex.prompt, 64) for ex in examples]
+        stops = tuple(chat.stop_token_ids(tokenizer, model))
+        out = engine.generate(prompts, list(range(len(prompts))), Sampling(1.0, 1.0, MAX_NEW, stop_token_ids=stops))
+        assert [c.prompt_token_ids for c in out] == prompts
+        stopped = [c for c in out if c.finish_reason == "stop"]
+        assert len(stopped) >= len(out) // 2 and all(c.token_ids[-1] in stops for c in stopped)
+        assert any(c.token_ids[-1] == end_of_turn for c in stopped)
+        run_shard(ctx, 1, engine=engine)
+    finally:
+        engine.close()
+    rows = shard_rows(ctx, 1, 0, 1)
+    pairs = load_pairs(ctx, 1, tokenizer)
+    assert [p.generated for p in pairs] == [r.generated_token_ids for r in rows]
+    assert {r.finish_reason for r in rows} <= {"stop", "length"}
+    assert any(r.generated_token_ids[-1] == end_of_turn and r.finish_reason == "stop" for r in rows)

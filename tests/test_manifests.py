@@ -82,7 +82,7 @@ def test_zephyr_example_passes_spin_validate():
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "is valid (3 iterations)" in done.stdout
+    assert "is valid (4 iterations)" in done.stdout
 
 
 def test_zephyr_example_is_the_official_recipe():
@@ -92,16 +92,19 @@ def test_zephyr_example_is_the_official_recipe():
     assert spec.dataset.uri.startswith("s3://") and "ultrachat" in spec.dataset.uri
     assert spec.dataset.format == "messages" and spec.dataset.max_samples == 50_000
     assert spec.storage.uri.startswith("s3://")
-    assert spec.iterations == 3 and spec.mix_previous_iterations == 1
+    assert spec.iterations == 4 and spec.mix_previous_iterations == 1
     t = spec.training
     assert (t.nodes * t.processes_per_node, t.gpus_per_node) == (8, 8)
     assert (t.zero_stage, t.optimizer, t.dtype, t.loss) == (3, "rmsprop", "bfloat16", "sigmoid")
     assert (t.max_length, t.max_prompt_length, t.global_batch_size, t.micro_batch_size) == (1024, 512, 64, 8)
     assert spec.generation.backend == "vllm" and spec.generation.dtype == "bfloat16"
-    # Iteration 1: lr 5e-7, beta 0.1; later iterations lr 1e-7; the last one a larger beta.
-    betas, lrs = zip(*[run.iteration_settings(i)[:2] for i in (1, 2, 3)], strict=True)
-    assert lrs == (5e-7, 1e-7, 1e-7)
-    assert betas[0] == betas[1] == 0.1 and betas[2] > 0.1
+    # uclaml/SPIN scripts/finetune.sh, finetune_iter{1,2,3}.sh: lr 5e-7 for the first two trainings, 1e-7 from the
+    # third, beta 0.1 except 5.0 at the fourth, 6 epochs each.
+    settings = [run.iteration_settings(i) for i in (1, 2, 3, 4)]
+    assert settings == [(0.1, 5e-7, 6), (0.1, 5e-7, 6), (0.1, 1e-7, 6), (5.0, 1e-7, 6)]
+    assert (t.warmup_ratio, t.seed, t.gradient_checkpointing) == (0.1, 42, True)
+    g = spec.generation
+    assert (g.temperature, g.top_p, g.max_new_tokens) == (1.0, 1.0, 256)
     # The Secret it names is the example Secret.
     (secret,) = documents(EXAMPLES / "s3-credentials-secret.yaml")
     assert spec.storage.credentials_secret == secret["metadata"]["name"]

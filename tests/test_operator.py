@@ -389,6 +389,37 @@ async def test_a_training_failure_is_retried_and_the_run_recovers(kube: KubeAPI,
     assert condition(kube, "tiny", "Degraded")["status"] == "False"
 
 
+async def test_in_place_restarts_beyond_the_backoff_limit_count_as_a_failed_attempt(
+    kube: KubeAPI, operator: Any
+) -> None:
+    """restartPolicy ExitCode recreates a signal-killed pod without a limit of its own: a crash that repeats (an OOM
+    kill at the same step) would loop for ever. The operator counts the Restarting transitions of the current
+    attempt and, past training.backoffLimit, retries the attempt like any failure.
+
+    kmock, and the test as the Training Operator: the repeated kills are an injected fault (the real Training
+    Operator's in-place restart is shown in tests/test_control_plane_defects.py, test 10)."""
+    fake = FakeCluster(kube)
+    await create(kube, spinrun(training={"nodes": 1, "processesPerNode": 1, "gpusPerNode": 0, "globalBatchSize": 8,
+                                         "backoffLimit": 1}))  # fmt: skip
+    await wait_child(kube, JOBS, "tiny-i1-gen")
+    await fake.complete_job(NS, "tiny-i1-gen")
+    await wait_child(kube, PYTORCHJOBS, "tiny-i1-train")
+    for second in range(2):
+        at = f"2026-12-07T10:00:0{second}Z"
+        restarting = {"type": "Restarting", "status": "True", "reason": "PyTorchJobRestarting",
+                      "message": "1 Master replica(s) failed.", "lastTransitionTime": at}  # fmt: skip
+        await fake._status(PYTORCHJOBS, NS, "tiny-i1-train", {"conditions": [restarting]})
+        await wait_for(lambda at=at: status(kube, "tiny")["iterations"][0].get("trainingRestartedAt") == at, "counted")
+    await wait_child(kube, PYTORCHJOBS, "tiny-i1-train-r1")
+    record = await wait_for(
+        lambda: (lambda r: r if r.get("trainRetries") == 1 and "trainingRestarts" not in r else None)(
+            status(kube, "tiny")["iterations"][0]
+        ),
+        "the retry recorded, its restarts counted afresh",
+    )
+    assert "restarted 2 times" in record["message"] and "training.backoffLimit 1" in record["message"]
+
+
 # -- suspend, resume, spec changes ---------------------------------------------------------------------------------
 async def test_suspend_and_resume_in_each_step(kube: KubeAPI, operator: Any) -> None:
     """spec.suspend reaches the running child (Job spec.suspend, PyTorchJob runPolicy.suspend); nothing new is

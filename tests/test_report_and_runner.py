@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,14 @@ def document(tmp_path: Path, **spec) -> dict:
 
 def test_storage_is_claimed_by_one_run_only(tmp_path):
     LocalRunner(parse(document(tmp_path))).claim_storage()
-    # Same run again (even with other training settings): fine.
-    LocalRunner(parse(document(tmp_path, training={"beta": 0.5}))).claim_storage()
+    store = Store.open(f"file://{tmp_path}/run")
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    store.publish(layout.shard(1, 0, 1), {"rows.jsonl": tmp_path / "rows.jsonl"})
+    # Same run again, with settings that only say where and how it runs: fine.
+    LocalRunner(parse(document(tmp_path, training={"checkpointEverySteps": 7, "processesPerNode": 2}))).claim_storage()
     other = document(tmp_path, generation={"shards": 3})
     other["spec"]["dataset"]["uri"] = f"file://{tmp_path}/other.jsonl"
-    with pytest.raises(SpinError, match=r"spec\.dataset, spec\.generation\.shards differ"):
+    with pytest.raises(SpinError, match=r"spec\.dataset\.uri: .*; spec\.generation\.shards: 1 -> 3"):
         LocalRunner(parse(other)).claim_storage()
 
 
@@ -65,7 +69,8 @@ def test_spin_run_reports_missing_model_before_starting(tmp_path):
     assert result.returncode == 2
     assert f"spec.dataset.uri: file://{tmp_path}/data.jsonl does not exist" in result.stderr
     assert "Traceback" not in result.stderr
-    (tmp_path / "data.jsonl").write_text("")
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
     result = subprocess.run([*SPIN, "run", str(spec)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert f"spec.model.uri: file://{tmp_path}/model does not exist" in result.stderr

@@ -541,7 +541,13 @@ def test_iteration_settings_apply_the_schedule():
 
 def test_zephyr_example_is_the_recipe_schedule():
     (run,) = load_all(ROOT / "manifests" / "examples" / "spinrun-zephyr-7b.yaml")
-    assert [run.iteration_settings(t) for t in (1, 2, 3)] == [(0.1, 5e-7, 3), (0.1, 1e-7, 6), (5.0, 1e-7, 6)]
+    # uclaml/SPIN scripts/finetune*.sh: lr 5e-7 for the first two trainings, 1e-7 from the third, beta 5 at the fourth.
+    assert [run.iteration_settings(t) for t in (1, 2, 3, 4)] == [
+        (0.1, 5e-7, 6),
+        (0.1, 5e-7, 6),
+        (0.1, 1e-7, 6),
+        (5.0, 1e-7, 6),
+    ]
 
 
 def test_to_document_is_stable_and_reparses():

@@ -150,6 +150,15 @@ def test_killed_trainer_resumes_where_it_stopped_and_publishes_only_at_the_end(
     assert died.returncode != 0
     assert not store.is_published(layout.checkpoint(1))
     assert not store.exists(layout.metrics(1))
+    # Each rank's part holds only its own ZeRO partition; what every rank reads (the model states) is `shared`, so a
+    # resuming rank downloads its part and the shared one, never the other ranks' optimizer states.
+    state = layout.train_state(1, 6)
+    parts = {key.rsplit("/", 1)[1]: set(store.manifest(key).files) for key in store.published(state + "/")}
+    assert set(parts) == {"rank-0", "rank-1", "shared"}
+    for r in (0, 1):
+        assert all(f"zero_pp_rank_{r}_" in name or name == f"rank-{r}.json" for name in parts[f"rank-{r}"])
+        assert any("optim_states" in name for name in parts[f"rank-{r}"])
+    assert parts["shared"] == {"mp_rank_00_model_states.pt"}
     resumed = train(spec, 2)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed iteration 1 from the train state at step 6" in resumed.stderr

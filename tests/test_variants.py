@@ -156,12 +156,26 @@ def test_identical_pairs_are_always_counted_and_dropped_only_when_asked():
         "pairs/total": 4,
         "pairs/identical": 2,
         "pairs/identical_share": 0.5,
+        "pairs/truncated": 0,
+        "pairs/retokenized": 0,
         "pairs/dropped": 0,
         "pairs/trained": 4,
     }
     kept, stats = select_pairs(pairs, drop_identical=True)
     assert [p.id for p in kept] == ["p1", "p3"]
     assert (stats["pairs/identical"], stats["pairs/dropped"], stats["pairs/trained"]) == (2, 2, 2)
+
+
+def test_truncated_answers_are_always_counted_and_dropped_only_when_asked():
+    pairs = [pair(0, True), pair(1), pair(2), pair(3)]
+    pairs[0].truncated = pairs[2].truncated = True
+    kept, stats = select_pairs(pairs, drop_identical=False)
+    assert kept == pairs and (stats["pairs/truncated"], stats["pairs/dropped"]) == (2, 0)
+    kept, stats = select_pairs(pairs, drop_identical=False, drop_truncated=True)
+    assert [p.id for p in kept] == ["p1", "p3"]
+    assert (stats["pairs/truncated"], stats["pairs/dropped"], stats["pairs/trained"]) == (2, 2, 2)
+    kept, stats = select_pairs(pairs, drop_identical=True, drop_truncated=True)  # p0 is both: dropped once
+    assert [p.id for p in kept] == ["p1", "p3"] and stats["pairs/dropped"] == 2
 
 
 def test_base_tokens_are_laid_out_on_the_real_answer_positions():

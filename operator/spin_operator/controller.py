@@ -859,8 +859,8 @@ class Controller:
                     continue
                 bad_input = bad_input or input_error(pod, container)
                 _, _, message = termination_summary(pod, container)
-                if message and not note:
-                    note = f"pod {pod.get('metadata', {}).get('name')}: {message[-300:]}"
+                if message and not note:  # the job's own error line (it names the file, row or artefact), or a log tail
+                    note = f"pod {pod.get('metadata', {}).get('name')}: {message[:500]}"
         except ApiError as e:
             logger.debug("no failure details for %s: %s", child.name, e)
         state.failure_notes[child.name] = (note, bad_input)

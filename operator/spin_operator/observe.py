@@ -319,6 +319,8 @@ def termination_summary(pod: Mapping[str, Any], container: str) -> tuple[dict[st
         data = None
     if not isinstance(data, dict):
         return {}, None, message.strip()[-1000:]
+    if isinstance(data.get("error"), str):  # a job's failure: {"error": "input" | "step", "message": ...}
+        return {}, None, str(data.get("message") or data["error"])[:1000]
     raw_metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else data
     metrics = {
         str(k): float(v) for k, v in raw_metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)

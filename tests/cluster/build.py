@@ -10,6 +10,8 @@ never rebuilt, so a second run is a no-op. Targets:
   once;
 - `training-operator` (default): the Kubeflow Training Operator v1.9.4, with its CRDs and webhook manifest copied
   out of the module (manifests/base/) so the tests need no Go at run time;
+- `trainer` (default, data only): Kubeflow Trainer v2.0.0's CRDs and ClusterTrainingRuntimes, copied out of its
+  module (its controller, which needs JobSet, is not built);
 - `kueue` (optional, not built by default): Kueue v0.17.0's manager, with its CRDs.
 
 Go's own caches are used (GOCACHE, GOMODCACHE; set them to keep everything under one folder). The binaries are
@@ -81,6 +83,14 @@ TARGETS = {
                 "crds": ("github.com/kubeflow/training-operator", "manifests/base/crds"),
                 "webhook": ("github.com/kubeflow/training-operator", "manifests/base/webhook"),
                 "rbac": ("github.com/kubeflow/training-operator", "manifests/base/rbac"),
+            },
+        ),
+        Target(
+            name="trainer",
+            binaries={},  # data only: Kubeflow Trainer v2's CRDs and runtimes (its controller needs JobSet; not run)
+            data={
+                "crds": ("github.com/kubeflow/trainer/v2", "manifests/base/crds"),
+                "runtimes": ("github.com/kubeflow/trainer/v2", "manifests/base/runtimes"),
             },
         ),
         Target(
@@ -190,18 +200,19 @@ def build(name: str, log=print) -> Path:
         try:
             bin_dir = staging / "bin"
             bin_dir.mkdir()
-            _run(
-                [
-                    go,
-                    "build",
-                    *GO_FLAGS,
-                    f"-ldflags={_ldflags(target)}",
-                    "-o",
-                    f"{bin_dir}/",
-                    *target.binaries.values(),
-                ],
-                target.module_dir,
-            )
+            if target.binaries:
+                _run(
+                    [
+                        go,
+                        "build",
+                        *GO_FLAGS,
+                        f"-ldflags={_ldflags(target)}",
+                        "-o",
+                        f"{bin_dir}/",
+                        *target.binaries.values(),
+                    ],
+                    target.module_dir,
+                )
             for out, pkg in target.binaries.items():
                 built = bin_dir / _go_binary_name(pkg)
                 if built != bin_dir / out:

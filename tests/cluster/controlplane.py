@@ -59,7 +59,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: SIGKILL when the test process dies, so a crashed session leaves no component behind."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -184,7 +184,7 @@ class ControlPlane:
                 env={**os.environ, **(env or {})},
                 cwd=cwd or self.workdir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.components[name] = Component(name, process, log)
 

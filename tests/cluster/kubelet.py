@@ -16,8 +16,9 @@ Nothing on the test machine runs containers, so this program does what a kubelet
   restartCount (OnFailure/Always), httpGet/tcpSocket startup, readiness and liveness probes;
 - reports what a kubelet reports for what it cannot run: unknown images -> ErrImagePull/ImagePullBackOff;
   runAsNonRoot against an image that runs as root -> CreateContainerConfigError, with the kubelet's own messages;
-- on deletion: SIGTERM to the container's process group, the grace period, SIGKILL, then completes the graceful
-  deletion (DELETE with gracePeriodSeconds=0, preconditioned on the uid).
+- on deletion: SIGTERM to the container's process group, the grace period, SIGKILL, a terminal phase (Failed unless
+  every container succeeded), then completes the graceful deletion (DELETE with gracePeriodSeconds=0,
+  preconditioned on the uid).
 
 Stand-ins, named as such: the pods share the host's network, each with its own loopback address as pod IP
 (127.1.x.y, the probes' target); a Python program's listening socket on the wildcard address with a fixed port is
@@ -294,6 +295,11 @@ class PodWorker(threading.Thread):
         while True:
             if self.deleting:
                 self.stop_all(self.grace_period())
+                if self.phase not in ("Succeeded", "Failed"):
+                    # As the kubelet does since Kubernetes 1.27: a deleted pod ends in a terminal phase first, so
+                    # that the Job controller (podFailurePolicy, e.g. DisruptionTarget) can judge its failure.
+                    codes = [c.state.get("terminated", {}).get("exitCode") for c in self.main]
+                    self.phase = "Succeeded" if codes and all(code == 0 for code in codes) else "Failed"
                 self.write_status()
                 if not self.deleted.is_set():
                     with contextlib.suppress(ApiError):
