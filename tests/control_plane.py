@@ -17,10 +17,9 @@ from typing import Any
 
 import yaml
 
-from spin_core import spec
 from tests.cluster.controlplane import free_ports
 from tests.e2e import CHART
-from tests.fixtures.cluster import STUB_IMAGE, Cluster
+from tests.fixtures.cluster import STUB_IMAGE, Cluster, spinrun_doc, spinruns_path
 
 RUN_LABEL = "selfplay.dev/run"
 CHILD_KINDS = {
@@ -29,10 +28,6 @@ CHILD_KINDS = {
     "pods": "/api/v1",
     "configmaps": "/api/v1",
 }
-
-
-def spinruns_path(namespace: str) -> str:
-    return f"/apis/{spec.GROUP}/{spec.VERSION}/namespaces/{namespace}/spinruns"
 
 
 def spinrun(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
@@ -184,21 +179,10 @@ def stub_spinrun(
     if gates is not None:
         env.append({"name": "SPIN_STUB_GATES", "value": str(gates)})
     small = {"requests": {"cpu": "10m", "memory": "32Mi"}}
-    body: dict[str, Any] = {
-        "apiVersion": f"{spec.GROUP}/{spec.VERSION}",
-        "kind": spec.KIND,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": "s3://stub/model"},
-            "dataset": {"uri": "s3://stub/train.jsonl"},
-            "storage": {"uri": f"s3://stub/runs/{namespace}/{name}"},
-            "iterations": iterations,
-            "pods": {"env": env},
-            "generation": {"image": STUB_IMAGE, "shards": shards, "gpusPerShard": 0, "resources": small},
-            "training": {"image": STUB_IMAGE, "nodes": 1, "processesPerNode": 1, "gpusPerNode": 0,
-                         "globalBatchSize": 8, "resources": small},
-        },
-    }  # fmt: skip
+    body = spinrun_doc(name, namespace, storage={"uri": f"s3://stub/runs/{namespace}/{name}"}, iterations=iterations,
+                       pods={"env": env})  # fmt: skip
+    body["spec"]["generation"].update(image=STUB_IMAGE, shards=shards, resources=small)
+    body["spec"]["training"].update(image=STUB_IMAGE, resources=small)
     if evaluate:
         body["spec"]["evaluation"] = {
             "dataset": {"uri": "s3://stub/heldout.jsonl"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def test_the_tiny_spinrun_runs_through_the_cluster(
         assert record["metrics"] == summary["metrics"] and record["checkpoint"] == summary["checkpoint"]
         assert record["metrics"]["pairs/trained"] == TRAIN_ROWS
         master_log = cluster.container_log(ns, "tiny-i1-train-master-0", "pytorch")
-        assert "world 2, ZeRO 2" in master_log, master_log[-3000:]  # torchrun's 2 ranks, as the trainer says
+        assert re.search(r"\bworld 2\b", master_log), master_log[-3000:]  # torchrun's 2 ranks, as the trainer says
         assert store.read_json(layout.metrics(1))["final"]["pairs/trained"] == TRAIN_ROWS
 
         # Evaluation: the numbers of eval.json, which its pod published, are in the status too (via its termination
