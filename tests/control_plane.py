@@ -149,13 +149,6 @@ def installed(
         cluster.helm("uninstall", name, "--namespace", namespace, "--wait", "--timeout", "2m", check=False)
 
 
-def gates_dir() -> Path:
-    """A folder the stub's pods (uid 10001, the host's /tmp) can read, for their gate files."""
-    folder = Path(tempfile.mkdtemp(prefix="spin-stub-gates-"))
-    folder.chmod(0o755)
-    return folder
-
-
 def open_gate(gates: Path, step: str, iteration: int) -> None:
     (gates / f"{step}-{iteration}").touch()
 
@@ -172,8 +165,9 @@ def stub_spinrun(
     **spec_changes: Any,
 ) -> dict[str, Any]:
     """A SpinRun whose children run the stub image (tests/cluster/stub/spin), each step as told: `ok`, `wait` (for
-    the gate file `<gates>/<step>-<t>`) or `exit:N`; an evaluation step when `evaluate` is given. The URIs are never
-    read (the stub reads nothing). `spec_changes` update the spec's sections."""
+    the gate file `<gates>/<step>-<t>`; `gates` a folder the pods can read, e.g. the `marker_dir` fixture's) or
+    `exit:N`; an evaluation step when `evaluate` is given. The URIs are never read (the stub reads nothing).
+    `spec_changes` update the spec's sections."""
     env = [{"name": f"SPIN_STUB_{step.upper()}", "value": mode} for step, mode in
            (("generate", generate), ("train", train), ("evaluate", evaluate)) if mode]  # fmt: skip
     if gates is not None:

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,7 +86,9 @@ def paused_streams(log: str) -> bool:
     return bool(decided) and "Pausing the watch-stream for spinruns" in after
 
 
-def test_ha_one_replica_serves_and_the_other_takes_over(cluster: Cluster, cluster_namespace: str) -> None:
+def test_ha_one_replica_serves_and_the_other_takes_over(
+    cluster: Cluster, cluster_namespace: str, marker_dir: Path
+) -> None:
     """Operator: the chart's pods. ha.enabled, replicas 2 (its own release): both pods join the KopfPeering with
     distinct priorities, the older one logs that it pauses and exactly the newer one handles a SpinRun; deleting the
     serving pod makes the standby resume, and the run proceeds to Succeeded with each child created once."""
@@ -118,7 +121,7 @@ def test_ha_one_replica_serves_and_the_other_takes_over(cluster: Cluster, cluste
         assert not PAUSED.search(rel.log(serving)), rel.log(serving)[-4000:]
         watch.mark(f"{standby} paused, {serving} serves")
 
-        gates = cp.gates_dir()
+        gates = marker_dir
         run = "ha"
         cp.create(cluster, cp.stub_spinrun(run, ns, gates, generate="wait"))
         api.wait_for(
@@ -163,14 +166,16 @@ def pod_suffix(cluster: Cluster, ns: str, run: str) -> str:
 
 
 # -- (b) restarts --------------------------------------------------------------------------------------------------
-def test_a_restarted_operator_adopts_the_children_of_every_phase(cluster: Cluster, release: cp.Release) -> None:
+def test_a_restarted_operator_adopts_the_children_of_every_phase(
+    cluster: Cluster, release: cp.Release, marker_dir: Path
+) -> None:
     """Operator: the chart's pod. At Generating, Training and Evaluating, while the phase's child runs (the stub waits
     for its gate), the operator pod is killed (deleted with grace 0; the ReplicaSet starts another): the new operator
     carries on with the same child (same uid, same pods), creates each next child exactly once, and the run Succeeds
     without a retry."""
     ns, api = scenario_namespace(release, "restart"), cluster.api
     watch = cp.Stopwatch()
-    gates, run = cp.gates_dir(), "restart"
+    gates, run = marker_dir, "restart"
     cp.create(cluster, cp.stub_spinrun(run, ns, gates, generate="wait", train="wait", evaluate="wait"))
     first_seen: dict[str, str] = {}
     steps = (
@@ -225,12 +230,12 @@ def test_a_restarted_operator_adopts_the_children_of_every_phase(cluster: Cluste
 
 
 # -- (c) garbage collection ----------------------------------------------------------------------------------------
-def test_deleting_a_spinrun_collects_its_children(cluster: Cluster, release: cp.Release) -> None:
+def test_deleting_a_spinrun_collects_its_children(cluster: Cluster, release: cp.Release, marker_dir: Path) -> None:
     """Operator: the chart's pod. A run in Training (its generation Job complete, its PyTorchJob's Master pod running):
     deleting the SpinRun makes the garbage collector delete its ConfigMap, Jobs, PyTorchJob, their pods and the Training
     Operator's Service (owner references all the way down); the SpinRun itself is gone too (no finalizer holds it)."""
     ns, api = scenario_namespace(release, "gc"), cluster.api
-    gates, run = cp.gates_dir(), "gc"
+    gates, run = marker_dir, "gc"
     cp.create(cluster, cp.stub_spinrun(run, ns, gates, train="wait"))
     wait_phase(cluster, release, ns, run, "Training")
     api.wait_for(
@@ -267,14 +272,14 @@ def test_deleting_a_spinrun_collects_its_children(cluster: Cluster, release: cp.
 
 
 # -- (d) 50 runs at once -------------------------------------------------------------------------------------------
-def test_fifty_spinruns_at_once(cluster: Cluster, release: cp.Release) -> None:
+def test_fifty_spinruns_at_once(cluster: Cluster, release: cp.Release, marker_dir: Path) -> None:
     """Operator: the chart's pod. 50 SpinRuns created at once (their generation pods run the stub, waiting): each gets
     exactly one ConfigMap and one generation Job, no other child; once the pods run, every status is consistent
     (Generating 1/1, the Job's name, SpecAccepted, Progressing, not Degraded, not Failed), and the operator's log has no
     409/422 answers."""
     ns, api = scenario_namespace(release, "many"), cluster.api
     watch = cp.Stopwatch()
-    gates = cp.gates_dir()
+    gates = marker_dir
     logged_before = {p["metadata"]["name"]: len(release.log(p["metadata"]["name"])) for p in release.pods()}
     runs = [f"many-{i:02d}" for i in range(RUNS_AT_ONCE)]
     with ThreadPoolExecutor(8) as pool:
