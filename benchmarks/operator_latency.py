@@ -1,8 +1,11 @@
 """Operator reaction latency: from a child reaching its terminal state to the operator creating the next child.
 
-    .venv/bin/python benchmarks/operator_latency.py                          # 1 and 50 concurrent SpinRuns
-    .venv/bin/python benchmarks/operator_latency.py --runs-list 1,10,50 --iterations 3 --hold 0.2
-    .venv/bin/python benchmarks/operator_latency.py --operator-thread        # the operator in a thread, as in the tests
+    .venv/bin/python benchmarks/operator_latency.py              # 1 and 50 concurrent SpinRuns, kmock and real
+    .venv/bin/python benchmarks/operator_latency.py --api kmock --runs-list 1,10,50 --iterations 3 --hold 0.2
+    .venv/bin/python benchmarks/operator_latency.py --api kmock --operator-thread   # in a thread, as in the tests
+
+Each scenario runs against two API servers, side by side in one invocation (`--api kmock,real`, the default):
+`kmock`, the emulator described next, and `real`, the test suite's control plane (below).
 
 What runs: the real operator (kopf + spin_operator's handlers, `Config()` with its production defaults), in its own
 process (this script with --operator-process, kopf's event loop in its main thread; `--operator-thread`: a thread
@@ -46,6 +49,22 @@ The table adds the p95 of each transition kind, the operator's reconciliations (
 event-loop CPU per reconciliation, its own API requests per sample, and CPU seconds: the operator's event-loop
 thread (all the operator's Python work: watch streams, kopf's handling, Events, reconciliations), the API server +
 driver (this process; with --operator-thread, this thread), and the operator's other threads (kopf's executor).
+
+`--api real`: the same operator process, the same SpinRuns (their children run the stub image of the tests,
+tests/cluster/stub/: a `spin` and a `torchrun` that do no work), against the control plane of tests/cluster (built
+once from Go modules and cached, like the tests'; about 40 s to start): real kube-apiserver and etcd, the Job
+controller and the Kubeflow Training Operator write the children's statuses, the scheduler and the stand-in kubelet
+run their pods. The operator runs as the chart's ServiceAccount (the chart installed with helm, cluster-wide, its
+own Deployment scaled to 0), so RBAC judges every request. The children end when their pods do (a second or so;
+many at once but not in the same instant, unlike kmock's driver), and the samples come from the API server's audit
+log, on its clock: (receipt of the operator's POST of the next child) - (receipt of the controller's status write
+that made the child done: a PyTorchJob Succeeded, a generation Job with every index completed). The second end is
+the write's receipt, not its response: the commit to etcd and the watch event's delivery are part of the reaction,
+and the operator can act on the watch event before the write's response is complete (`status_write_p50_ms` is how
+long the API server took to answer those writes). Checked as for kmock, from the audit log (children created once,
+nothing deleted), plus `conflicts`, the operator's requests answered 409. CPU: `api` is kube-apiserver + etcd,
+`cluster_cpu_s` the controllers, scheduler and kubelet with the pods it ran. The SpinRuns are deleted after each
+scenario.
 
 Caveats: with 2 CPUs and other jobs running, the operator and the emulator compete for cores (the load average is
 printed; compare CPU seconds and reconciliation counts rather than latencies between runs). The emulator costs about
@@ -207,10 +226,11 @@ class ProcessOperator:
         self.proc = proc
 
     @classmethod
-    async def start(cls, verbose: bool, timeout: float = 60.0) -> ProcessOperator:
+    async def start(cls, verbose: bool, timeout: float = 60.0, kubeconfig: Path | None = None) -> ProcessOperator:
         command = [sys.executable, str(Path(__file__).resolve()), "--operator-process"] + (["-v"] if verbose else [])
+        env = {**os.environ, **({"KUBECONFIG": str(kubeconfig)} if kubeconfig else {})}
         proc = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
         )
         op = cls(proc)
         try:
@@ -342,6 +362,7 @@ def operator_process(verbose: bool) -> int:
 class Result:
     runs: int
     batches: int
+    api: str = "kmock"
     samples: dict[str, list[float]] = field(default_factory=lambda: {"gen->train": [], "train->gen": []})
     wall: float = 0.0
     reconciles: int = 0
@@ -351,6 +372,10 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds: the operator's event-loop thread, the API server + driver, the operator's other threads."""
     operator_requests: int = 0
+    conflicts: int = 0
+    write_seconds: list[float] = field(default_factory=list)
+    """Real API server: how long it took to answer the terminal status writes (received -> response complete)."""
+    """The operator's requests answered 409 (real API server only: the emulator never answers 409)."""
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
@@ -370,6 +395,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def scenario(args: argparse.Namespace, runs: int, tmp: Path) -> Result:
+    """One scenario on the emulated API server (kmock)."""
     iterations, hold, timeout = args.iterations, args.hold, args.timeout
     per_batch = runs * (2 * iterations - 1)
     result = Result(runs=runs, batches=max(1, math.ceil(args.min_samples / per_batch)))
@@ -477,6 +503,264 @@ async def scenario(args: argparse.Namespace, runs: int, tmp: Path) -> Result:
     return result
 
 
+# -- the same on the real control plane (tests/cluster: kube-apiserver, etcd, controllers, the Training Operator) ---
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        # The children's status writes by their controllers (the terminal one starts a sample), with the object.
+        {
+            "level": "RequestResponse",
+            "verbs": ["update", "patch"],
+            "resources": [
+                {"group": "batch", "resources": ["jobs/status"]},
+                {"group": "kubeflow.org", "resources": ["pytorchjobs/status"]},
+            ],
+        },
+        # Every request of the operator (its creations end the samples).
+        {"level": "Metadata", "users": ["system:serviceaccount:spin-system:spin-operator"]},
+        {"level": "None"},
+    ],
+}
+OPERATOR_USER = "system:serviceaccount:spin-system:spin-operator"
+CHILDREN = ("jobs", "pytorchjobs", "configmaps")
+
+
+def terminal(resource: str, obj: dict[str, Any]) -> bool:
+    """Whether a status write made the child done as the operator sees it: a PyTorchJob Succeeded; a generation Job
+    with every index completed (the Job controller's `Complete` comes later, once the pods are gone: the operator
+    starts training on the completed shards already)."""
+    from spin_operator.observe import parse_indexes
+
+    status = obj.get("status") or {}
+    done = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if resource == "pytorchjobs":
+        return "Succeeded" in done
+    completions = (obj.get("spec") or {}).get("completions") or 1
+    return "Complete" in done or parse_indexes(status.get("completedIndexes")) >= set(range(completions))
+
+
+def audit_time(stamp: str) -> float:
+    """An audit event's RFC 3339 timestamp (microseconds), as seconds since the epoch."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+class RealApi:
+    """The test suite's control plane (tests/cluster/controlplane.py, binaries built once, cached) with an audit log,
+    the stand-in kubelet running the children's pods with the stub image (tests/cluster/stub/: `spin` and `torchrun`
+    that do no work), and the chart's ServiceAccount and cluster-wide RBAC for the operator (the chart installed with
+    helm, its own operator Deployment scaled to 0: the benchmark runs the operator itself)."""
+
+    def __init__(self, workdir: Path):
+        from tests.cluster import build
+        from tests.cluster.controlplane import NodeSpec
+        from tests.fixtures.cluster import Cluster, default_images
+
+        build.check_go()
+        for target in build.DEFAULT_TARGETS:
+            build.build(target, log=lambda _m: None)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.audit_log = workdir / "audit.log"
+        policy = workdir / "audit-policy.json"
+        policy.write_text(json.dumps(AUDIT_POLICY))
+        audit = [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json"]
+        nodes = [NodeSpec("node-1", pods=5000)]
+        self.cluster = Cluster(workdir / "cluster", nodes=nodes, images=default_images(), apiserver_args=audit)
+        self.kubeconfig = workdir / "operator.kubeconfig"
+
+    def start(self) -> None:
+        from tests.cluster.api import Credentials
+        from tests.e2e import CHART
+
+        cluster = self.cluster
+        cluster.start()
+        api = cluster.api
+        for ns in NAMESPACES:
+            if api.find(f"/api/v1/namespaces/{ns}") is None:
+                api.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+        cluster.helm("install", "spin-operator", str(CHART), "-n", "spin-system", "--create-namespace")
+        for ns in NAMESPACES:  # the new CRD's watch cache answers 429 while it initializes
+            api.wait_for(
+                "SpinRuns to be served", lambda ns=ns: api.get(f"/apis/selfplay.dev/v1alpha1/namespaces/{ns}/spinruns")
+            )
+        deployment = "/apis/apps/v1/namespaces/spin-system/deployments/spin-operator"
+        api.patch(deployment, {"spec": {"replicas": 0}})
+        api.wait_for("the chart's operator pod to be gone",
+                     lambda: not api.get("/api/v1/namespaces/spin-system/pods")["items"], timeout=120)  # fmt: skip
+        token = api.create(
+            "/api/v1/namespaces/spin-system/serviceaccounts/spin-operator/token",
+            {"spec": {"expirationSeconds": 86400}},
+        )["status"]["token"]
+        Credentials(cluster.server, cluster.ca_file, token=token).kubeconfig(self.kubeconfig, "spin-operator")
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    def audit_offset(self) -> int:
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
+
+    def audit_events(self, offset: int) -> list[dict[str, Any]]:
+        with self.audit_log.open("rb") as f:
+            f.seek(offset)
+            return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: kube-apiserver + etcd ("api"), and the controllers, scheduler and kubelet with the
+        pods it ran ("cluster")."""
+        import psutil
+
+        out = {"api": 0.0, "cluster": 0.0}
+        for name, component in self.cluster.components.items():
+            try:
+                t = psutil.Process(component.process.pid).cpu_times()
+            except psutil.Error:
+                continue
+            out["api" if name in ("kube-apiserver", "etcd") else "cluster"] += (
+                t.user + t.system + t.children_user + t.children_system
+            )
+        return out
+
+    def delete_runs(self) -> None:
+        """Delete the scenario's SpinRuns (their children go with them) so the next scenario starts clean."""
+        api = self.cluster.api
+        for ns in NAMESPACES:
+            api.request("DELETE", f"/apis/selfplay.dev/v1alpha1/namespaces/{ns}/spinruns")
+        api.wait_for(
+            "the SpinRuns to be deleted",
+            lambda: not any(api.get(f"/apis/selfplay.dev/v1alpha1/namespaces/{ns}/spinruns")["items"]
+                            for ns in NAMESPACES),
+            timeout=300,
+        )  # fmt: skip
+
+
+async def scenario_real(args: argparse.Namespace, runs: int, real: RealApi) -> Result:
+    """One scenario on the real control plane: the same SpinRuns, the same operator process; the children run for
+    real (the Job controller and the Training Operator write their statuses), each sample read from the audit log."""
+    from tests.control_plane import stub_spinrun
+
+    iterations, timeout = args.iterations, args.timeout
+    per_batch = runs * (2 * iterations - 1)
+    result = Result(runs=runs, batches=max(1, math.ceil(args.min_samples / per_batch)), api="real")
+    result.load_before = os.getloadavg()
+    problems: list[str] = []
+    api = real.cluster.api
+    offset = real.audit_offset()
+    op = await ProcessOperator.start(args.verbose, kubeconfig=real.kubeconfig)
+    names: list[tuple[str, str]] = []
+    stats0, cpu0 = await op.stats(), real.cpu()
+    started = time.monotonic()
+
+    def phases() -> dict[tuple[str, str], str | None]:
+        out = {}
+        for ns in NAMESPACES:
+            for o in api.get(f"/apis/selfplay.dev/v1alpha1/namespaces/{ns}/spinruns")["items"]:
+                out[ns, o["metadata"]["name"]] = (o.get("status") or {}).get("phase")
+        return out
+
+    def message(namespace: str, name: str) -> str:
+        run = api.find(f"/apis/selfplay.dev/v1alpha1/namespaces/{namespace}/spinruns/{name}") or {}
+        return str((run.get("status") or {}).get("message"))
+
+    try:
+        for batch in range(result.batches):
+            wave = [(NAMESPACES[i % 2], f"r{runs}-b{batch}-{i:02d}") for i in range(runs)]
+            names += wave
+            bodies = [stub_spinrun(name, ns, iterations=iterations) for ns, name in wave]
+            for body in bodies:
+                body["metadata"]["labels"] = {"team": "nlp"}
+            await asyncio.gather(
+                *(asyncio.to_thread(api.create, f"/apis/selfplay.dev/v1alpha1/namespaces/{b['metadata']['namespace']}"
+                                    "/spinruns", b) for b in bodies)
+            )  # fmt: skip
+            pending = set(wave)
+            while pending:
+                op.check()
+                found = await asyncio.to_thread(phases)
+                failed = [f"{ns}/{n}" for (ns, n) in pending if found.get((ns, n)) == "Failed"]
+                if failed:
+                    raise RuntimeError(f"{runs} runs on the real API server: Failed: {', '.join(failed[:3])}")
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(
+                        f"{runs} runs (real API server): {len(pending)} not Succeeded after {timeout:.0f}s, e.g. "
+                        + "; ".join(f"{ns}/{n}: {message(ns, n)}" for ns, n in sorted(pending)[:3])
+                    )
+                pending = {key for key in pending if found.get(key) != "Succeeded"}
+                await asyncio.sleep(0.5)
+        result.wall = time.monotonic() - started
+        stats1, cpu1 = await op.stats(), real.cpu()
+        result.cpu = {
+            "operator": stats1["operator"] - stats0["operator"],
+            "api": cpu1["api"] - cpu0["api"],
+            "cluster": cpu1["cluster"] - cpu0["cluster"],
+            "other": stats1["process"] - stats0["process"],
+        }
+        await asyncio.sleep(1.0)  # trailing requests (events, status) reach the audit log
+        stats2 = await op.stats()
+    finally:
+        await op.stop()
+    result.load_after = os.getloadavg()
+    result.reconciles = int(stats2["reconciles"] - stats0["reconciles"])
+    result.reconcile_errors = int(stats2["reconcile_errors"] - stats0["reconcile_errors"])
+    result.reconcile_seconds = stats2["reconcile_seconds"] - stats0["reconcile_seconds"]
+
+    # The audit log: the operator's creations (receive time), the controllers' terminal status writes (completion).
+    posts: dict[tuple[str, str], list[float]] = {}
+    finished: dict[tuple[str, str], float] = {}
+    for event in real.audit_events(offset):
+        if event.get("stage") != "ResponseComplete":
+            continue
+        ref, code = event.get("objectRef") or {}, (event.get("responseStatus") or {}).get("code", 0)
+        key = (ref.get("namespace") or "", f"{ref.get('resource')}/{ref.get('name')}")
+        if event["user"]["username"] == OPERATOR_USER:
+            if event.get("userAgent", "").startswith(OPERATOR_AGENT):  # its own client; not kopf's watches, Events
+                result.operator_requests += 1
+            if event["verb"] == "create" and ref.get("resource") in CHILDREN and code < 300:
+                posts.setdefault(key, []).append(audit_time(event["requestReceivedTimestamp"]))
+            elif code == 409:
+                result.conflicts += 1
+            if event["verb"] == "delete":
+                problems.append(f"the operator deleted {key[1]} in {key[0]}")
+        elif (
+            ref.get("subresource") == "status"
+            and code < 300
+            and key not in finished
+            and terminal(ref.get("resource", ""), event.get("responseObject") or {})
+        ):
+            # From its receipt: the commit to etcd and the watch event's delivery are part of the reaction; a
+            # write's response can complete after the operator already acted on its watch event.
+            finished[key] = audit_time(event["requestReceivedTimestamp"])
+            result.write_seconds.append(audit_time(event["stageTimestamp"]) - finished[key])
+    dup = [f"{ns}/{what} x{len(times)}" for (ns, what), times in posts.items() if len(times) > 1]
+    if dup:
+        problems.append("children created more than once: " + ", ".join(sorted(dup)[:5]))
+    for ns, name in names:
+        status = (api.find(f"/apis/selfplay.dev/v1alpha1/namespaces/{ns}/spinruns/{name}") or {}).get("status") or {}
+        if status.get("phase") != "Succeeded" or status.get("progress") != f"{iterations}/{iterations}":
+            problems.append(f"{ns}/{name}: phase {status.get('phase')}, progress {status.get('progress')}")
+        chain = [
+            child
+            for t in range(1, iterations + 1)
+            for child in (("jobs", f"{name}-i{t}-gen"), ("pytorchjobs", f"{name}-i{t}-train"))
+        ]
+        for (before_kind, before), (kind, after) in itertools.pairwise(chain):
+            created = posts.get((ns, f"{kind}/{after}"))
+            done = finished.get((ns, f"{before_kind}/{before}"))
+            if not created or done is None:
+                problems.append(f"{ns}/{name}: {before} -> {after}: not observed")
+                continue
+            if created[0] < done:
+                problems.append(f"{ns}/{name}: {after} created before {before} finished")
+            result.samples["gen->train" if kind == "pytorchjobs" else "train->gen"].append(created[0] - done)
+    real.delete_runs()
+    if problems:
+        raise AssertionError(f"{runs} concurrent runs (real API server): " + "; ".join(problems[:10]))
+    return result
+
+
 # -- output ----------------------------------------------------------------------------------------------------------
 def ms(value: float) -> str:
     return f"{value * 1000:.1f}"
@@ -486,11 +770,13 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     print()
     where = "a thread of the API server's process" if args.operator_thread else "its own process"
     print(
-        f"Operator reaction: child terminal status written -> next child POSTed (emulated API server, operator in "
-        f"{where}, {args.iterations} iterations per run, hold {args.hold:g} s, {os.cpu_count()} CPUs)"
+        f"Operator reaction: child terminal status written -> next child POSTed (operator in {where}, "
+        f"{args.iterations} iterations per run, {os.cpu_count()} CPUs; kmock: the emulated API server, children "
+        f"finished by this script {args.hold:g} s after creation; real: the test control plane, children finished "
+        "by the Job controller and the Training Operator, times from its audit log)"
     )
     header = (
-        f"{'runs':>5} {'samples':>8} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'gen>train p95':>14} "
+        f"{'API':>5} {'runs':>5} {'samples':>8} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'gen>train p95':>14} "
         f"{'train>gen p95':>14} {'reconciles':>10} {'ms/rec':>6} {'op CPU ms/rec':>13} {'req/sample':>10} "
         f"{'wall s':>7} {'CPU s op/api/other':>18} {'load 1m before/after':>21}"
     )
@@ -499,8 +785,9 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     for r in results:
         values = r.all
         print(
-            f"{r.runs:>5} {len(values):>8} {ms(percentile(values, 0.5)):>8} {ms(percentile(values, 0.95)):>8} "
-            f"{ms(max(values)):>8} {ms(percentile(r.samples['gen->train'], 0.95)):>14} "
+            f"{r.api:>5} {r.runs:>5} {len(values):>8} {ms(percentile(values, 0.5)):>8} "
+            f"{ms(percentile(values, 0.95)):>8} {ms(max(values)):>8} "
+            f"{ms(percentile(r.samples['gen->train'], 0.95)):>14} "
             f"{ms(percentile(r.samples['train->gen'], 0.95)):>14} {r.reconciles:>10} "
             f"{ms(r.reconcile_seconds / max(1, r.reconciles)):>6} "
             f"{ms(r.cpu.get('operator', math.nan) / max(1, r.reconciles)):>13} "
@@ -512,8 +799,8 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         "ms/rec: mean wall time of one reconciliation; op CPU ms/rec: the operator's event-loop CPU (all of it: watch"
         " streams, kopf's handling, Events, reconciliations) per reconciliation; req/sample: the operator's own API"
         " requests per sample (kopf's watches and Events not counted); CPU s: the operator's event-loop thread / the"
-        f" API server and driver ({'this thread' if args.operator_thread else 'this process'}) / the operator's"
-        " other threads (kopf's executor), over the scenario"
+        f" API server (kmock: with the driver, {'this thread' if args.operator_thread else 'this process'}; real:"
+        " kube-apiserver + etcd) / the operator's other threads (kopf's executor), over the scenario"
     )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"target: p95 < {TARGET_P95 * 1000:.0f} ms; load average (1, 5, 15 min) at the end: {load}")
@@ -527,7 +814,9 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             f"ok={'yes' if p95 < TARGET_P95 else 'no'} reconcile_errors={r.reconcile_errors} "
             f"reconciles={r.reconciles} operator_cpu_s={r.cpu.get('operator', math.nan):.2f} "
             f"operator_cpu_ms_per_sample={ms(r.cpu.get('operator', math.nan) / len(values))} "
-            f"api_cpu_s={r.cpu.get('api', math.nan):.2f} load1={r.load_after[0]:.2f} "
+            f"api_cpu_s={r.cpu.get('api', math.nan):.2f} load1={r.load_after[0]:.2f} api={r.api} "
+            f"conflicts={r.conflicts if r.api == 'real' else 'n/a'} cluster_cpu_s={r.cpu.get('cluster', math.nan):.2f} "
+            f"status_write_p50_ms={ms(percentile(r.write_seconds, 0.5))} "
             f"operator={'thread' if args.operator_thread else 'process'} iterations={args.iterations} "
             f"hold_s={args.hold:g}"
         )
@@ -536,21 +825,41 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
 async def main_async(args: argparse.Namespace) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="spin-operator-latency-") as tmp:
-        for i, runs in enumerate(args.runs_list):
-            where = Path(tmp) / f"scenario-{i}"
-            where.mkdir()
-            print(f"scenario: {runs} concurrent SpinRun(s), load average {os.getloadavg()}", flush=True)
-            results.append(await scenario(args, runs, where))
+        real: RealApi | None = None
+        try:
+            for i, runs in enumerate(args.runs_list):
+                for api in args.apis:
+                    print(f"scenario: {runs} concurrent SpinRun(s), {api} API server, load average "
+                          f"{os.getloadavg()}", flush=True)  # fmt: skip
+                    if api == "kmock":
+                        where = Path(tmp) / f"scenario-{i}"
+                        where.mkdir()
+                        results.append(await scenario(args, runs, where))
+                        continue
+                    if real is None:
+                        real = RealApi(Path(tmp) / "real")
+                        await asyncio.to_thread(real.start)
+                    results.append(await scenario_real(args, runs, real))
+        finally:
+            if real is not None:
+                real.stop()
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--runs-list", default="1,50", help="concurrent SpinRuns per scenario, comma-separated")
+    parser.add_argument(
+        "--api",
+        default="kmock,real",
+        help="API servers, comma-separated: kmock (the emulator), real (the test control plane of tests/cluster)",
+    )
     parser.add_argument("--iterations", type=int, default=3, help="SPIN iterations per run (2 x N - 1 samples)")
-    parser.add_argument("--hold", type=float, default=0.2, help="seconds a child 'runs' before it is finished")
+    parser.add_argument(
+        "--hold", type=float, default=0.2, help="seconds a child 'runs' before it is finished (kmock only)"
+    )
     parser.add_argument("--min-samples", type=int, default=20, help="repeat a scenario until it has this many")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a scenario may take before it fails")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a scenario may take before it fails")
     parser.add_argument(
         "--operator-thread",
         action="store_true",
@@ -562,6 +871,9 @@ def main() -> int:
     if args.operator_process:
         return operator_process(args.verbose)
     args.runs_list = [int(x) for x in args.runs_list.split(",") if x.strip()]
+    args.apis = [x.strip() for x in args.api.split(",") if x.strip()]
+    if not args.apis or set(args.apis) - {"kmock", "real"}:
+        parser.error("--api takes kmock, real or both")
     if not args.runs_list or min(args.runs_list) < 1 or args.iterations < 1:
         parser.error("--runs-list needs positive integers and --iterations at least 1")
     logging.basicConfig(

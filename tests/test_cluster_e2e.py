@@ -55,7 +55,6 @@ Run it with:
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import secrets
@@ -70,12 +69,23 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "charts" / "spin-operator"
-TINY_SPINRUN = ROOT / "manifests" / "examples" / "spinrun-tiny.yaml"
-GROUP, VERSION, PLURAL = "selfplay.dev", "v1alpha1", "spinruns"
-PYTORCHJOB_CRD = "pytorchjobs.kubeflow.org"
-SPINRUN_CRD = f"{PLURAL}.{GROUP}"
+from tests.e2e import (
+    CHART,
+    GROUP,
+    PLURAL,
+    PYTORCHJOB_CRD,
+    SPINRUN_CRD,
+    VERSION,
+    app_version,
+    check_artefacts,
+    check_status,
+    ensure_bucket,
+    pod_resources,
+    upload_inputs,
+)
+from tests.e2e import chart_values as e2e_chart_values
+from tests.e2e import spinrun_document as e2e_spinrun_document
+
 POLL_SECONDS = 10.0
 HELM_TIMEOUT = "5m"
 
@@ -92,20 +102,6 @@ pytestmark = [
 # -- settings ---------------------------------------------------------------------------------------------------------
 def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, "").strip() or default
-
-
-def app_version() -> str:
-    return str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
-
-
-def split_image(ref: str) -> tuple[str, str]:
-    """`registry:port/name:tag` -> (repository, tag); a reference without a tag gets the chart's appVersion."""
-    if "@" in ref:
-        raise ValueError(f"image {ref!r}: the chart takes repository and tag, not a digest")
-    repository, sep, tag = ref.rpartition(":")
-    if not sep or "/" in tag:  # no colon, or the colon was a registry port
-        return ref, app_version()
-    return repository, tag
 
 
 @dataclass(frozen=True)
@@ -171,55 +167,25 @@ class Settings:
         return out
 
     def pod_resources(self) -> dict[str, Any]:
-        return {
-            "requests": {"cpu": self.pod_cpu, "memory": self.pod_memory},
-            "limits": {"memory": self.pod_memory},
-        }
+        return pod_resources(self.pod_cpu, self.pod_memory)
 
 
-# -- what the test installs and applies (plain functions: they can be checked without a cluster) ----------------------
+# -- what the test installs and applies (tests/e2e.py, shared with tests/test_control_plane_e2e.py) --------------------
 def chart_values(s: Settings) -> dict[str, Any]:
     """Values for charts/spin-operator: the given images, namespaced mode, small default pods, quick retries."""
-    operator_repo, operator_tag = split_image(s.operator_image)
-    generator_repo, generator_tag = split_image(s.generator_image)
-    trainer_repo, trainer_tag = split_image(s.trainer_image)
-    return {
-        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": s.pull_policy},
-        "generator": {"image": {"repository": generator_repo, "tag": generator_tag}, "resources": s.pod_resources()},
-        "trainer": {"image": {"repository": trainer_repo, "tag": trainer_tag}, "resources": s.pod_resources()},
-        "watchNamespaces": [s.namespace],
-        "extraArgs": ["--verbose"],
-        "extraEnv": [{"name": "SPIN_RETRY_BACKOFF_SECONDS", "value": "5"}],
-    }
+    return e2e_chart_values(
+        [s.namespace], s.pod_resources(), s.operator_image, s.generator_image, s.trainer_image, s.pull_policy
+    )
 
 
 def spinrun_document(s: Settings, name: str, inputs_uri: str, storage_uri: str, secret: str) -> dict[str, Any]:
-    """manifests/examples/spinrun-tiny.yaml for the cluster: s3:// inputs and storage, CPU-only small pods.
-
-    Generation and evaluation use the hf engine: the generator image's vLLM is a CUDA build and these pods get no
-    GPU. Validated with spin_core.resource.parse (SpecError says what is wrong).
-    """
-    from spin_core import resource
-
-    (doc,) = resource.load_documents(TINY_SPINRUN)
-    doc = copy.deepcopy(doc)
-    doc["metadata"] = {"name": name, "namespace": s.namespace, "labels": {"app.kubernetes.io/part-of": "spin-e2e"}}
-    spec = doc["spec"]
-    spec["model"]["uri"] = f"{inputs_uri}/sft-model"
-    spec["dataset"].update(uri=f"{inputs_uri}/train.jsonl", maxSamples=128)
+    """manifests/examples/spinrun-tiny.yaml for the cluster: s3:// inputs and storage, CPU-only small pods."""
     storage: dict[str, Any] = {"uri": storage_uri, "credentialsSecret": secret}
     if s.s3_endpoint:
         storage["endpoint"] = s.s3_endpoint
     if s.region:
         storage["region"] = s.region
-    spec["storage"] = storage
-    spec["generation"].update(backend="hf", gpusPerShard=0, resources=s.pod_resources())
-    spec["training"].update(gpusPerNode=0, resources=s.pod_resources())
-    evaluation = spec["evaluation"]
-    evaluation["dataset"]["uri"] = f"{inputs_uri}/heldout.jsonl"
-    evaluation.update(backend="hf", maxSamples=64)
-    resource.parse(doc, f"{TINY_SPINRUN.name} (adapted for the cluster)")
-    return doc
+    return e2e_spinrun_document(name, s.namespace, inputs_uri, storage, s.pod_resources())
 
 
 def s3_store(s: Settings, uri: str):
@@ -227,73 +193,6 @@ def s3_store(s: Settings, uri: str):
     from spin_core.store import Store
 
     return Store.open(uri, endpoint=s.s3_local_endpoint or None, region=s.region or None)
-
-
-def ensure_bucket(store) -> None:
-    """Create the store's bucket when it does not exist (MinIO and SeaweedFS start empty)."""
-    from botocore.exceptions import ClientError
-
-    backend = store.backend
-    try:
-        backend.client.head_bucket(Bucket=backend.bucket)
-        return
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-    region = backend.client.meta.region_name
-    extra = {"CreateBucketConfiguration": {"LocationConstraint": region}} if region not in (None, "us-east-1") else {}
-    backend.client.create_bucket(Bucket=backend.bucket, **extra)
-
-
-def upload_inputs(store, demo_dir: Path) -> list[str]:
-    """The demo's SFT model folder and data files as plain objects (no manifest: they are user inputs)."""
-    files = {"train.jsonl": demo_dir / "train.jsonl", "heldout.jsonl": demo_dir / "heldout.jsonl"}
-    model = demo_dir / "sft-model"
-    files.update({f"sft-model/{p.relative_to(model).as_posix()}": p for p in sorted(model.rglob("*")) if p.is_file()})
-    for key, path in files.items():
-        store.backend.put_file(key, path)
-    return sorted(files)
-
-
-def check_status(status: dict[str, Any], storage_uri: str, iterations: int) -> list[str]:
-    """Problems with a finished run's status (an empty list: fine): phase, per-iteration records, checkpoints."""
-    problems = []
-    if status.get("phase") != "Succeeded":
-        problems.append(f"status.phase is {status.get('phase')!r}, not 'Succeeded': {status.get('message')!r}")
-    records = {r.get("iteration"): r for r in status.get("iterations") or []}
-    if sorted(records) != list(range(1, iterations + 1)):
-        problems.append(f"status.iterations has records for {sorted(records)}, expected 1..{iterations}")
-    for t, record in sorted(records.items()):
-        if record.get("phase") != "Succeeded":
-            problems.append(f"iteration {t} is {record.get('phase')!r}: {record.get('message')!r}")
-        checkpoint = record.get("checkpoint") or ""
-        if not checkpoint.startswith(storage_uri.rstrip("/") + "/"):
-            problems.append(f"iteration {t}: checkpoint {checkpoint!r} is not under the run's storage {storage_uri}")
-    last = records.get(iterations, {}).get("checkpoint")
-    if last and status.get("latestCheckpoint") != last:
-        problems.append(f"status.latestCheckpoint is {status.get('latestCheckpoint')!r}, expected {last!r}")
-    return problems
-
-
-def check_artefacts(store, status: dict[str, Any]) -> list[str]:
-    """Problems with what the run published: each record's checkpoint (MANIFEST.json + model files), metrics.json."""
-    from spin_core import layout
-
-    problems = []
-    for record in status.get("iterations") or []:
-        t, uri = record.get("iteration"), record.get("checkpoint") or ""
-        if not uri.startswith(store.uri + "/"):
-            continue  # reported by check_status
-        key = uri[len(store.uri) + 1 :].rstrip("/")
-        if not store.is_published(key):
-            problems.append(f"iteration {t}: checkpoint {uri} is not published (no MANIFEST.json)")
-            continue
-        names = set(store.manifest(key).files)
-        if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
-            problems.append(f"iteration {t}: checkpoint {uri} lacks config.json or safetensors: {sorted(names)}")
-        if isinstance(t, int) and not store.exists(layout.metrics(t)):
-            problems.append(f"iteration {t}: {store.uri_of(layout.metrics(t))} does not exist")
-    return problems
 
 
 # -- cluster helpers --------------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ class ControlPlane:
     nodes: list[NodeSpec] = field(default_factory=lambda: [NodeSpec("node-1")])
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     training_operator: bool = True
+    apiserver_args: list[str] = field(default_factory=list)
+    """Extra kube-apiserver flags (e.g. an audit log, for the latency benchmark)."""
     components: dict[str, Component] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -289,7 +291,7 @@ class ControlPlane:
             "--requestheader-group-headers=X-Remote-Group", "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={d / 'front-proxy-client.crt'}",
             f"--proxy-client-key-file={d / 'front-proxy-client.key'}",
-            "--allow-privileged=true", "--profiling=false", "--v=1",
+            "--allow-privileged=true", "--profiling=false", "--v=1", *self.apiserver_args,
         ])  # fmt: skip
 
     def start_controller_manager(self) -> None:

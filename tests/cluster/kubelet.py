@@ -7,9 +7,10 @@ Nothing on the test machine runs containers, so this program does what a kubelet
   certificate (`system:node:<name>`), so the Node authorizer and NodeRestriction judge every call it makes;
 - watches the pods the scheduler bound to its nodes and runs each container as a local process
   (tests/cluster/shim.py): the image's ENV, USER and WORKDIR read from images/*/Dockerfile, command/args as given
-  with `spin`, `python`, `torchrun` resolved in the project's .venv, env (value, valueFrom fieldRef, secretKeyRef,
-  configMapKeyRef, envFrom), volumes (configMap, secret, emptyDir, projected ServiceAccount token + ca.crt +
-  namespace) bind-mounted at their mountPath, /dev/termination-log from a per-container file;
+  with `spin`, `python`, `torchrun` resolved in the project's .venv (a test-only image's own folders first), env
+  (value, valueFrom fieldRef, secretKeyRef, configMapKeyRef, envFrom), volumes (configMap, secret, emptyDir,
+  projected ServiceAccount token + ca.crt + namespace) bind-mounted at their mountPath, /dev/termination-log from
+  a per-container file;
 - writes pod status through the API as the kubelet does: Pending -> Running -> Succeeded/Failed, container states
   with exit codes, reasons and termination messages (FallbackToLogsOnError included), pod conditions, restarts with
   restartCount (OnFailure/Always), httpGet/tcpSocket startup, readiness and liveness probes;
@@ -19,9 +20,12 @@ Nothing on the test machine runs containers, so this program does what a kubelet
   every container succeeded), then completes the graceful deletion (DELETE with gracePeriodSeconds=0,
   preconditioned on the uid).
 
-Stand-ins, named as such: the pods share the host's network (pod IP = 127.0.0.1; ports must not clash); there is no
-cluster DNS, so env vars naming a master host (MASTER_ADDR, PET_MASTER_ADDR) are rewritten to 127.0.0.1, and the
-Training Operator's `init-pytorch` container (an alpine `nslookup <master>` loop) succeeds once that Service exists;
+Stand-ins, named as such: the pods share the host's network, each with its own loopback address as pod IP
+(127.1.x.y, the probes' target); a Python program's listening socket on the wildcard address with a fixed port is
+narrowed to that address (tests/cluster/podnet/sitecustomize.py), so two pods may listen on the same port, as in
+their own network namespaces (other programs' ports must not clash; port 0 is left alone); there is no cluster
+DNS, so env vars naming a master host (MASTER_ADDR, PET_MASTER_ADDR) are rewritten to 127.0.0.1, and the Training
+Operator's `init-pytorch` container (an alpine `nslookup <master>` loop) succeeds once that Service exists;
 KUBERNETES_SERVICE_HOST/PORT point at the test apiserver; the CPU stand-ins of STAND_IN_ENV replace GPUs. Not done:
 images' filesystems (the process sees the host's; the image's HOME/WORKDIR are per-container folders), resource
 limits, cgroups, exec probes, service-link env vars, resourceFieldRef, `kubectl logs/exec` (logs are files under the
@@ -55,7 +59,8 @@ from tests.cluster.api import Api, ApiError, Credentials
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SHIM = Path(__file__).resolve().parent / "shim.py"
-POD_IP = "127.0.0.1"
+POD_IP = "127.0.0.1"  # the node's address (and what names of Services resolve to)
+PODNET = Path(__file__).resolve().parent / "podnet"  # sitecustomize: wildcard binds narrowed to the pod's address
 # In place of GPUs and a model hub: what the test suite sets for vLLM and DeepSpeed on a CPU (see the README).
 STAND_IN_ENV = {
     "DS_ACCELERATOR": "cpu",
@@ -65,6 +70,7 @@ STAND_IN_ENV = {
 }
 # No cluster DNS here: env vars naming the rendezvous host of a distributed job point at this machine instead.
 MASTER_HOST_VARS = ("MASTER_ADDR", "PET_MASTER_ADDR")
+PODNET_ENV = "STANDIN_POD_IP"
 TERMINATION_MESSAGE_MAX = 4096
 LOG_TAIL_LINES, LOG_TAIL_BYTES = 80, 2048
 NSLOOKUP_LOOP = re.compile(r"for i in \$\(seq (\d+)\); do if nslookup (\S+);")
@@ -89,6 +95,7 @@ class Image:
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
     stand_in: str = ""  # "nslookup": the alpine init container of PyTorchJob workers, run by the kubelet itself
+    path: list[str] = field(default_factory=list)  # folders ahead of the venv on PATH: the image's own programs
 
     @classmethod
     def from_dockerfile(cls, path: Path) -> Image:
@@ -265,6 +272,7 @@ class PodWorker(threading.Thread):
         self.volume_error = ""
         self.phase = "Pending"
         self.written: Any = None
+        self.ip = node.kubelet.allocate_ip()
 
     def update(self, pod: dict[str, Any]) -> None:
         self.pod = pod
@@ -475,7 +483,7 @@ class PodWorker(threading.Thread):
         if "httpGet" in probe:
             get = probe["httpGet"]
             port = self.port_number(c, get["port"])
-            url = f"{get.get('scheme', 'HTTP').lower()}://{get.get('host') or POD_IP}:{port}{get.get('path', '/')}"
+            url = f"{get.get('scheme', 'HTTP').lower()}://{get.get('host') or self.ip}:{port}{get.get('path', '/')}"
             headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
             try:
                 return 200 <= requests.get(url, headers=headers, timeout=timeout, verify=False).status_code < 400
@@ -484,7 +492,7 @@ class PodWorker(threading.Thread):
         if "tcpSocket" in probe:
             port = self.port_number(c, probe["tcpSocket"]["port"])
             try:
-                socket.create_connection((probe["tcpSocket"].get("host") or POD_IP, port), timeout=timeout).close()
+                socket.create_connection((probe["tcpSocket"].get("host") or self.ip, port), timeout=timeout).close()
                 return True
             except OSError:
                 return False
@@ -549,13 +557,28 @@ class PodWorker(threading.Thread):
             cond("ContainersReady", not unready, ready_reason, ready_message),
         ]  # fmt: skip
 
+    def read_pod(self) -> dict[str, Any] | None:
+        """The pod as the API has it; None once it is gone. The Node authorizer answers 403 for a pod it does not
+        relate to this node: one deleted, but also one just bound whose binding its graph has not seen yet (under
+        load, a second or more), so a 403 counts as gone only once it persists."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                return self.api.find(self.pod_path)
+            except ApiError as e:
+                if e.status != 403:
+                    raise
+                if time.monotonic() > deadline or self.deleted.is_set():
+                    return None
+            time.sleep(0.25)
+
     def write_status(self) -> None:
         status = {
             "phase": self.phase,
             "hostIP": POD_IP,
             "hostIPs": [{"ip": POD_IP}],
-            "podIP": POD_IP,
-            "podIPs": [{"ip": POD_IP}],
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
             "startTime": self.start_time,
             "conditions": self.conditions(),
             "containerStatuses": [c.status(self.node.kubelet.image_id(c.spec["image"])) for c in self.main],
@@ -568,12 +591,7 @@ class PodWorker(threading.Thread):
         if status == self.written:
             return
         for _ in range(10):
-            try:
-                pod = self.api.find(self.pod_path)
-            except ApiError as e:  # 403: the Node authorizer no longer relates the pod to this node: it is gone
-                if e.status != 403:
-                    raise
-                pod = None
+            pod = self.read_pod()
             if pod is None or pod["metadata"]["uid"] != self.uid:
                 self.deleted.set()
                 return
@@ -761,10 +779,16 @@ class Kubelet:
             if "dockerfile" in entry:
                 image = Image.from_dockerfile(Path(entry["dockerfile"]))
             else:
-                image = Image(user=entry.get("user", ""), stand_in=entry.get("standIn", ""))
+                image = Image(user=entry.get("user", ""), stand_in=entry.get("standIn", ""), path=entry.get("path", []))
             self.images[name] = image
         self.nodes = [NodeAgent(self, n) for n in config["nodes"]]
         self.log_lock = threading.Lock()
+        self._ips = iter(f"127.1.{i // 250}.{i % 250 + 1}" for i in range(250 * 256))
+
+    def allocate_ip(self) -> str:
+        """A pod's own loopback address (127.1.0.1, 127.1.0.2...: the whole of 127/8 is local on Linux)."""
+        with self.log_lock:
+            return next(self._ips)
 
     def log(self, message: str) -> None:
         with self.log_lock:
@@ -842,7 +866,8 @@ class Kubelet:
             "metadata.uid": meta["uid"],
             "spec.nodeName": worker.pod["spec"].get("nodeName", ""),
             "spec.serviceAccountName": worker.pod["spec"].get("serviceAccountName", ""),
-            **dict.fromkeys(("status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs"), POD_IP),
+            **dict.fromkeys(("status.hostIP", "status.hostIPs"), POD_IP),
+            **dict.fromkeys(("status.podIP", "status.podIPs"), worker.ip),
         }
         if field_path not in values:
             raise ContainerConfigError(f"unsupported fieldPath: {field_path} (stand-in kubelet)")
@@ -909,11 +934,12 @@ class Kubelet:
     def container_env(self, worker: PodWorker, c: Container, image: Image) -> dict[str, str]:
         port = self.server.rsplit(":", 1)[1]
         env = {
-            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": ":".join([*image.path, str(self.bin), "/usr/local/bin", "/usr/bin", "/bin"]),
             "HOSTNAME": worker.pod_name,
             **image.env,
-            # the image has the project installed; here it is the checkout
-            "PYTHONPATH": f"{self.repo}:{self.repo / 'operator'}",
+            # the image has the project installed; here it is the checkout (and the pod network's stand-in)
+            "PYTHONPATH": f"{PODNET}:{self.repo}:{self.repo / 'operator'}",
+            PODNET_ENV: worker.ip,
             **STAND_IN_ENV,
             "KUBERNETES_SERVICE_HOST": POD_IP,
             "KUBERNETES_SERVICE_PORT": port,
