@@ -417,6 +417,10 @@ class Training(Placement):
     """Run each pair's prompt through the model once: prompt, real and generated answer in one row, a 4D
     attention mask keeping the answers apart (same log-probs as two rows). Used where the model's attention
     takes such a mask (sdpa, eager); false, or flash-attention: two rows per pair."""
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """transformers' attention implementation of the trained and frozen models. flash_attention_2 needs a CUDA GPU
+    and the flash-attn package (not in the images; add it to yours), and trains two rows per pair (no shared-prompt
+    mask)."""
     lora: Lora | None = None
     """Train LoRA adapters instead of all weights."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

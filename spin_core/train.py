@@ -214,15 +214,32 @@ def disable_dropout(model) -> None:
             module.p = 0.0
 
 
-def load_model(model_dir: Path, dtype, device):
-    """A model of `model_dir` in `dtype` with dropout off. Under ZeRO-3 (an HfDeepSpeedConfig alive: see
-    Trainer.run) transformers builds it inside deepspeed.zero.Init, so each rank holds only its partition; otherwise
-    it is loaded straight onto `device`."""
+def check_attention(attention: str) -> None:
+    """training.attention flash_attention_2 needs the flash-attn package (and a CUDA GPU): say so before loading."""
+    import importlib.util
+
+    import torch
+
+    if attention != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+        raise SpinError(
+            "training.attention flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            f"({'not installed' if importlib.util.find_spec('flash_attn') is None else 'no GPU here'}): "
+            "install it in the trainer image, or use sdpa (the default)"
+        )
+
+
+def load_model(model_dir: Path, dtype, device, attention: str = "sdpa"):
+    """A model of `model_dir` in `dtype` with dropout off and the given attention implementation. Under ZeRO-3 (an
+    HfDeepSpeedConfig alive: see Trainer.run) transformers builds it inside deepspeed.zero.Init, so each rank holds
+    only its partition; otherwise it is loaded straight onto `device`."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    kwargs: dict[str, Any] = {"dtype": dtype, **dropout_overrides(model_dir)}
+    check_attention(attention)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention, **dropout_overrides(model_dir)}
     if not is_deepspeed_zero3_enabled() and torch.device(device).type == "cuda":
         kwargs["device_map"] = {"": torch.device(device)}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -403,7 +420,7 @@ class Trainer:
             self.hf_deepspeed = HfDeepSpeedConfig(self.ds_config)
 
         reused = sum(p.opponent is not None for p in pairs)
-        model = load_model(model_dir, self.dtype, device)
+        model = load_model(model_dir, self.dtype, device, self.tr.attention)
         self.note_partition("policy", model)
         stats = self.pair_stats
         self.log(
@@ -480,7 +497,7 @@ class Trainer:
         ranks (zero.Init, then a DeepSpeed engine without optimizer that gathers each layer for its forward)."""
         import deepspeed
 
-        model = load_model(model_dir, self.dtype, self.device)
+        model = load_model(model_dir, self.dtype, self.device, self.tr.attention)
         model.requires_grad_(False)
         model.eval()
         self.note_partition("opponent" if model_dir == self.model_dir else f"M_{self.model_index(model_dir)}", model)

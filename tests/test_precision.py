@@ -289,3 +289,18 @@ def test_lora_training_on_two_processes(tmp_path, tiny_model_dir, zero):
     changed = {k for k in original if not torch.equal(published[k], original[k].bfloat16())}
     assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("q", "v")}
     assert all(v.dtype == torch.bfloat16 for v in published.values())
+
+
+def test_the_attention_implementation_is_chosen_by_the_spec_and_flash_attention_is_checked(tiny_model_dir):
+    """training.attention reaches the loaded model (eager and sdpa both take the shared-prompt mask); flash-attention
+    2 is refused before loading where it cannot run (no flash-attn package or no GPU), with what to do."""
+    from spin_core.errors import SpinError
+    from spin_core.pairs import shares_prompt
+    from spin_core.train import load_model
+
+    for attention in ("eager", "sdpa"):
+        model = load_model(tiny_model_dir, torch.float32, "cpu", attention)
+        assert model.config._attn_implementation == attention
+        assert shares_prompt(model, True)
+    with pytest.raises(SpinError, match=r"training\.attention flash_attention_2 needs a CUDA GPU and the flash-attn"):
+        load_model(tiny_model_dir, torch.float32, "cpu", "flash_attention_2")
