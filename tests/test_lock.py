@@ -4,6 +4,7 @@ exactly what PyPI serves and hold every package the venv needs; the venv the tes
 from __future__ import annotations
 
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -35,8 +36,18 @@ def test_every_pin_is_a_plain_release_pypi_can_serve():
     assert not local, f"pins with a local version label, which PyPI does not serve: {local}"
 
 
+def installed_in_venv() -> dict[str, str]:
+    """What pip installed into the venv's site-packages. Not `metadata.distributions()` over sys.path: once anything
+    imports setuptools (DeepSpeed, torch's extension builder), setuptools appends its `_vendor` folder to sys.path, and
+    its vendored copies (packaging 24.2, typing_extensions 4.12.2) would read as installed."""
+    folders = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=folders)}
+
+
 def test_the_venv_is_exactly_the_lock():
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    import setuptools  # noqa: F401  (the order-independent worst case: its _vendor folder on sys.path)
+
+    installed = installed_in_venv()
     pins = lock()
     # torch from a CPU-only index (make TORCH_INDEX_URL=...) is 2.13.0+cpu: the same release, without the CUDA wheels.
     cpu_torch = Version(installed.get("torch", "0")).local == "cpu"
