@@ -76,7 +76,8 @@ def estimate(values: Sequence[float]) -> Estimate:
         z2 = Z95 * Z95
         centre = (mean + z2 / (2 * n)) / (1 + z2 / n)
         half = Z95 * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-        return Estimate(mean, stderr, max(0.0, centre - half), min(1.0, centre + half), n)
+        # Mathematically low <= mean <= high, with low 0 at p = 0 and high 1 at p = 1; rounding must not break that.
+        return Estimate(mean, stderr, min(mean, max(0.0, centre - half)), max(mean, min(1.0, centre + half)), n)
     stderr = statistics.stdev(values) / math.sqrt(n) if n > 1 else 0.0
     return Estimate(mean, stderr, mean - Z95 * stderr, mean + Z95 * stderr, n)
 

@@ -98,6 +98,10 @@ def test_exact_match_gets_a_binomial_error_and_wilson_interval_by_hand():
     assert (e.low, e.high) == pytest.approx((0.10779, 0.60322), abs=1e-5)
     zero = estimate([0.0] * 20)
     assert zero.low == 0.0 and zero.high == pytest.approx(0.16113, abs=1e-5)  # not the empty interval [0, 0]
+    for n in range(1, 200):  # the bounds hold the mean exactly, rounding included (1.4e-17 > 0 was seen)
+        for k in (0, n // 3, n):
+            e = estimate([1.0] * k + [0.0] * (n - k))
+            assert 0.0 <= e.low <= e.mean <= e.high <= 1.0
 
 
 def test_other_scores_get_the_sample_standard_error():
