@@ -4,7 +4,7 @@
 
     DIR/train.jsonl      SFT data (messages format) the SpinRun trains on
     DIR/heldout.jsonl    held-out prompts for evaluation
-    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained just long enough to be weak (a few % exact match)
+    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained too briefly on purpose: weak (~15 % exact match)
 
 The answers are checkable automatically (`score`), so "does SPIN make it stronger?" has a number.
 """
@@ -162,13 +162,20 @@ def accuracy(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int = 
 
 def prepare(
     out: Path,
-    train_size: int = 512,
-    heldout_size: int = 128,
-    sft_steps: int = 150,
+    train_size: int = 1000,
+    heldout_size: int = 500,
+    sft_steps: int = 600,
     seed: int = 0,
     overwrite: bool = False,
+    layers: int = 4,
+    lr: float = 1e-3,
 ) -> dict[str, Any]:
-    """Write the demo dataset and a weak SFT model under `out`; returns a summary."""
+    """Write the demo dataset and a weak SFT model under `out`; returns a summary.
+
+    The defaults: 1000 training rows, 500 held-out (a held-out score has a standard error of at most 2.2 points),
+    a 4-layer Llama (hidden 128, 0.8M parameters) after 600 AdamW steps at lr 1e-3: under-trained on purpose, so
+    that more training on the same rows can make it much stronger (`spin run manifests/examples/spinrun-tiny.yaml`).
+    """
     from spin_core.tiny import build_model, build_tokenizer
 
     out = Path(out)
@@ -181,8 +188,8 @@ def prepare(
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
     tokenizer = build_tokenizer(corpus(train + heldout), vocab_size=64)
-    build_model(model_dir, tokenizer, hidden_size=128, layers=2, heads=4, seed=seed)
-    sft(model_dir, train, steps=sft_steps, lr=3e-3, batch_size=32, seed=seed)
+    build_model(model_dir, tokenizer, hidden_size=128, layers=layers, heads=4, seed=seed)
+    sft(model_dir, train, steps=sft_steps, lr=lr, batch_size=32, seed=seed)
     summary = {"train": len(train), "heldout": len(heldout), "sft_steps": sft_steps}
     summary["heldout_accuracy"] = accuracy(model_dir, heldout)
     (out / "demo.json").write_text(json.dumps(summary, indent=1))

@@ -89,7 +89,7 @@ def test_stop_when_collapse_ends_the_run_when_the_heldout_evaluation_warns(tmp_p
     collapseWarnNats the evaluation warns and stopWhen.collapse ends a 3-iteration run there, saying why."""
     spec = spec_file(tmp_path, demo_dir, {"scorer": "spin_core.demo:score", "stopWhen": {"collapse": True}})
     doc = yaml.safe_load(spec.read_text())
-    doc["spec"]["training"].update(learningRate=3e-3, epochs=3, collapseWarnNats=0.05)
+    doc["spec"]["training"].update(learningRate=3e-3, epochs=3, collapseWarnNats=0.05, sftWeight=0.0)
     spec.write_text(yaml.safe_dump(doc))
     result = subprocess.run([*SPIN, "run", str(spec), "--json"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
