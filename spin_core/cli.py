@@ -218,7 +218,7 @@ app.add_typer(demo_app, name="demo")
 @demo_app.command("prepare")
 def demo_prepare(
     out: Annotated[Path, typer.Argument(help="Folder for the dataset and the SFT model (e.g. demo).")],
-    sft_steps: Annotated[int, typer.Option(min=0, help="SFT steps: few on purpose, the model must be weak.")] = 150,
+    sft_steps: Annotated[int, typer.Option(min=0, help="SFT steps: few on purpose, the model must be weak.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the data and the model.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Rebuild when the folder already holds a demo.")] = False,
 ) -> None:

@@ -4,7 +4,7 @@
 
     DIR/train.jsonl      SFT data (messages format) the SpinRun trains on
     DIR/heldout.jsonl    held-out prompts for evaluation
-    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained just long enough to be weak (a few % exact match)
+    DIR/sft-model/       a tiny Llama + tokenizer, SFT-trained too briefly on purpose: weak (~15 % exact match)
 
 The answers are checkable automatically (`score`), so "does SPIN make it stronger?" has a number.
 """
@@ -28,21 +28,39 @@ def problem(rng: random.Random, digits: int = 2) -> tuple[str, str]:
     return f"What is {a} + {b}?", str(a + b)
 
 
-def make_rows(n: int, seed: int, exclude: set[str] | None = None, digits: int = 2) -> list[dict[str, Any]]:
-    """n distinct `digits`-digit addition problems as chat rows (`messages` format), none of whose prompts is in
-    `exclude`."""
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reversal(rng: random.Random, length: int = 5) -> tuple[str, str]:
+    """One string reversal: `length` random lowercase letters, (prompt, the letters in reverse order)."""
+    word = "".join(rng.choice(LETTERS) for _ in range(length))
+    return f"Reverse {word}", word[::-1]
+
+
+TASKS = ("addition", "reversal")
+
+
+def make_rows(
+    n: int, seed: int, exclude: set[str] | None = None, digits: int = 2, task: str = "addition"
+) -> list[dict[str, Any]]:
+    """n distinct problems as chat rows (`messages` format), none of whose prompts is in `exclude`.
+
+    task addition: two `digits`-digit addends; task reversal: `digits` random letters to write backwards (a
+    different skill, same exact-match scorer)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     rng, seen, rows = random.Random(seed), set(exclude or ()), []
-    count = 9 * 10 ** (digits - 1)
-    if n > count * count - len(seen):
+    count = (9 * 10 ** (digits - 1)) ** 2 if task == "addition" else len(LETTERS) ** digits
+    if n > count - len(seen):
         raise ValueError(f"cannot make {n} distinct problems")
     while len(rows) < n:
-        prompt, answer = problem(rng, digits)
+        prompt, answer = problem(rng, digits) if task == "addition" else reversal(rng, digits)
         if prompt in seen:
             continue
         seen.add(prompt)
         rows.append(
             {
-                "prompt_id": f"add-{len(rows):05d}-{seed}",
+                "prompt_id": f"{'add' if task == 'addition' else 'rev'}-{len(rows):05d}-{seed}",
                 "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             }
         )
@@ -63,8 +81,22 @@ def corpus(rows: list[dict[str, Any]]) -> list[str]:
     return [m["content"] for r in rows for m in r["messages"]]
 
 
-def sft(model_dir: Path, rows: list[dict[str, Any]], steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Plain supervised fine-tuning (loss on the answer tokens only), in place; single process."""
+# The truncation of the demo SpinRun (training.maxPromptLength / maxLength): the SFT that makes a starting model
+# and its scoring cut sequences exactly as the SpinRun's steps do.
+MAX_PROMPT_LENGTH, MAX_LENGTH = 48, 64
+
+
+def sft(
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_prompt_length: int = MAX_PROMPT_LENGTH,
+    max_length: int = MAX_LENGTH,
+) -> None:
+    """Plain supervised fine-tuning (AdamW, constant lr; loss on the answer tokens only), in place; one process."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +108,9 @@ def sft(model_dir: Path, rows: list[dict[str, Any]], steps: int, lr: float, batc
     model.train()
     examples = []
     for r in rows:
-        prompt_ids, answer_ids = encode_pair_side(tokenizer, r["messages"][:1], r["messages"][1]["content"], 64, 96)
+        prompt_ids, answer_ids = encode_pair_side(
+            tokenizer, r["messages"][:1], r["messages"][1]["content"], max_prompt_length, max_length
+        )
         examples.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -107,7 +141,7 @@ def accuracy(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int = 
     pad = tokenizer.pad_token_id
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        ids = [prompt_token_ids(tokenizer, r["messages"][:1], 64) for r in chunk]
+        ids = [prompt_token_ids(tokenizer, r["messages"][:1], MAX_PROMPT_LENGTH) for r in chunk]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
@@ -128,13 +162,20 @@ def accuracy(model_dir: Path, rows: list[dict[str, Any]], max_new_tokens: int = 
 
 def prepare(
     out: Path,
-    train_size: int = 512,
-    heldout_size: int = 128,
-    sft_steps: int = 150,
+    train_size: int = 1000,
+    heldout_size: int = 500,
+    sft_steps: int = 600,
     seed: int = 0,
     overwrite: bool = False,
+    layers: int = 4,
+    lr: float = 1e-3,
 ) -> dict[str, Any]:
-    """Write the demo dataset and a weak SFT model under `out`; returns a summary."""
+    """Write the demo dataset and a weak SFT model under `out`; returns a summary.
+
+    The defaults: 1000 training rows, 500 held-out (a held-out score has a standard error of at most 2.2 points),
+    a 4-layer Llama (hidden 128, 0.8M parameters) after 600 AdamW steps at lr 1e-3: under-trained on purpose, so
+    that more training on the same rows can make it much stronger (`spin run manifests/examples/spinrun-tiny.yaml`).
+    """
     from spin_core.tiny import build_model, build_tokenizer
 
     out = Path(out)
@@ -147,8 +188,8 @@ def prepare(
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "heldout.jsonl", heldout)
     tokenizer = build_tokenizer(corpus(train + heldout), vocab_size=64)
-    build_model(model_dir, tokenizer, hidden_size=128, layers=2, heads=4, seed=seed)
-    sft(model_dir, train, steps=sft_steps, lr=3e-3, batch_size=32, seed=seed)
+    build_model(model_dir, tokenizer, hidden_size=128, layers=layers, heads=4, seed=seed)
+    sft(model_dir, train, steps=sft_steps, lr=lr, batch_size=32, seed=seed)
     summary = {"train": len(train), "heldout": len(heldout), "sft_steps": sft_steps}
     summary["heldout_accuracy"] = accuracy(model_dir, heldout)
     (out / "demo.json").write_text(json.dumps(summary, indent=1))

@@ -6,7 +6,13 @@ Two numbers per iteration:
   well M_t still tells the data from its predecessor's answers. At the paper's fixed point it cannot: accuracy
   near 0.5 and margin near 0.
 - **the task score** (optional, `evaluation.scorer`): M_t answers greedily and a user function scores each answer
-  against the reference. Iteration 1 also scores M_0, the baseline SPIN must beat.
+  against the reference; M_{t-1} too, on the same prompts (`score_previous`; at iteration 1 it is M_0, the
+  baseline SPIN must beat, also kept as `baseline_score`). Each score comes with its standard error and a 95 %
+  interval (Wilson's for exact match), and the paired change M_t - M_{t-1} with its standard error.
+
+The held-out collapse check (`stopping.heldout_collapse`) compares M_t with M_{t-1} as a user sees them: the score
+fell beyond its paired uncertainty, or the held-out log p(real answer) fell by more than training.collapseWarnNats.
+It sets `collapse` (1 or 0) and `warnings`; `evaluation.stopWhen.collapse` ends the run on it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from spin_core.data import Example
 from spin_core.engines import Sampling, derive_seed, open_engine
 from spin_core.errors import SpinError
 from spin_core.inputs import truncation_note
-from spin_core.stopping import call_scorer, load_scorer
+from spin_core.stopping import call_scorer, estimate_fields, heldout_collapse, load_scorer, paired_change
 from spin_core.termination import write_termination_message
 
 
@@ -42,10 +48,15 @@ def greedy_answers(
     return [decode_answer(tokenizer, c.token_ids, stops) for c in out]
 
 
-def task_score(reference: str, examples: list[Example], answers: list[str]) -> float:
+def task_scores(reference: str, examples: list[Example], answers: list[str]) -> list[float]:
+    """The scorer's value of each answer, in the order of `examples`."""
     scorer = load_scorer(reference)
     pairs = zip(examples, answers, strict=True)
-    values = [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a, e.id) for e, a in pairs]
+    return [call_scorer(scorer, reference, e.prompt[-1]["content"], e.real, a, e.id) for e, a in pairs]
+
+
+def task_score(reference: str, examples: list[Example], answers: list[str]) -> float:
+    values = task_scores(reference, examples, answers)
     return sum(values) / len(values)
 
 
@@ -90,19 +101,19 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
             for e, c in zip(examples, completions, strict=True)
         ]
         opp_real, opp_gen = opponent.score(real_pairs), opponent.score(gen_pairs)
-        baseline = None
-        if ev.scorer and t == 1:
+        previous: list[float] = []
+        if ev.scorer:  # M_{t-1}'s own score on the same prompts: the paired comparison and the collapse check
             answers = greedy_answers(opponent, tokenizer, examples, training.max_prompt_length, max_new, stops)
-            baseline = task_score(ev.scorer, examples, answers)
+            previous = task_scores(ev.scorer, examples, answers)
     finally:
         opponent.close()
     new = open_engine(backend, new_dir, where=ctx.store.uri_of(layout.checkpoint(t)), **settings)
     try:
         new_real, new_gen = new.score(real_pairs), new.score(gen_pairs)
-        score = None
+        scores: list[float] = []
         if ev.scorer:
             answers = greedy_answers(new, tokenizer, examples, training.max_prompt_length, max_new, stops)
-            score = task_score(ev.scorer, examples, answers)
+            scores = task_scores(ev.scorer, examples, answers)
     finally:
         new.close()
 
@@ -118,14 +129,22 @@ def evaluate(ctx: RunContext, t: int) -> dict[str, Any]:
         "rewards/margins": sum(r - g for r, g in zip(real_rewards, gen_rewards, strict=True)) / n,
         "logps/real": sum(new_real) / n,
         "logps/generated": sum(new_gen) / n,
+        "logps/real_previous": sum(opp_real) / n,
+        "logps/real_change": (sum(new_real) - sum(opp_real)) / n,
         "pairs/identical": sum(e.real.strip() == g.strip() for e, g in zip(examples, generated, strict=True)),
         "seconds": round(time.monotonic() - started, 2),
     }
     if ev.scorer:
-        result["score"] = score
+        result.update(estimate_fields("score", scores))
+        result.update(estimate_fields("score_previous", previous))
+        result["score_change"], result["score_change_stderr"] = paired_change(previous, scores)
+        if t == 1:
+            result["baseline_score"] = result["score_previous"]
         result["scorer"] = ev.scorer
-    if baseline is not None:
-        result["baseline_score"] = baseline
+        result["scores"], result["scores_previous"] = scores, previous  # per prompt, in the held-out order
+    warnings = heldout_collapse(result, training.collapse_warn_nats)
+    result["collapse"] = 1.0 if warnings else 0.0
+    result["warnings"] = warnings
     return result
 
 
@@ -147,6 +166,8 @@ def main(spec_path: Path, iteration: int) -> int:
     result = evaluate(ctx, iteration)
     ctx.store.publish_json(key, result)
     write_termination_message(summary(result))
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if not isinstance(v, list)}
     print(f"evaluation of iteration {iteration}: {shown} -> {ctx.store.uri_of(key)}")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return 0

@@ -38,7 +38,7 @@ from spin_core.planner import Progress, Step, best, plan, training_iterations
 from spin_core.procs import ChildGroup, clear_stale_build_locks, describe_exit
 from spin_core.resource import parse
 from spin_core.spec import SpinRun
-from spin_core.stopping import load_scorer
+from spin_core.stopping import format_score, heldout_points, load_scorer, paired_change
 from spin_core.store import MANIFEST, AlreadyPublished, IntegrityError, NotPublished, Store, cache_dir
 from spin_core.verify import RedoTarget, check_artefact, check_document, redo_target, repair_hint
 
@@ -372,15 +372,24 @@ class LocalRunner:
             "logps/real": "logp real",
             "logps/generated": "logp gen",
         }
-        table = Table(title=f"SpinRun {self.run.metadata.name} (models under {self.store.uri})")
+        table = Table(
+            title=f"SpinRun {self.run.metadata.name} (models under {self.store.uri})",
+            caption=self.caption(progress),
+            caption_justify="left",
+        )
         table.add_column("iter", justify="right")
         table.add_column("pairs", justify="right")
         for header in short.values():
             table.add_column(header, justify="right")
         evaluating = self.run.spec.evaluation is not None
+        metric = self.run.spec.evaluation.metric if evaluating else ""
         if evaluating:
-            table.add_column(f"eval {self.run.spec.evaluation.metric}", justify="right")
+            table.add_column(f"eval {metric}" + (" [95 % CI]" if metric == "score" else ""), justify="right")
         table.add_column("model")
+        points = {p.iteration: p for p in heldout_points(progress.evaluated)} if evaluating else {}
+        if 0 in points:  # the starting model, as its held-out score says it was
+            start = format_score(points[0]) if metric == "score" else "-"
+            table.add_row("0", "-", *["-"] * len(short), start, self.run.spec.model.uri)
         for t in sorted(progress.trained):
             try:
                 final = self.store.read_json(layout.metrics(t)).get("final", {})
@@ -388,11 +397,33 @@ class LocalRunner:
                 final = {}
             pairs = final.get("pairs/total")
             cells = [f"{final[c]:.3f}" if isinstance(final.get(c), int | float) else "-" for c in short]
-            if evaluating:
-                value = progress.evaluated.get(t, {}).get(self.run.spec.evaluation.metric)
+            if evaluating and metric == "score" and t in points:
+                cells.append(format_score(points[t]))
+            elif evaluating:
+                value = progress.evaluated.get(t, {}).get(metric)
                 cells.append(f"{value:.4f}" if isinstance(value, int | float) else "-")
             table.add_row(str(t), str(int(pairs)) if pairs else "-", *cells, layout.checkpoint(t))
         return table
+
+    def caption(self, progress: Progress) -> str | None:
+        """Under the table: the held-out score of the last model against the start's, and the evaluation's
+        collapse warnings."""
+        points = [p for p in heldout_points(progress.evaluated) if p.score is not None]
+        lines = []
+        if len(points) > 1 and points[0].iteration == 0:
+            first, last = points[0], points[-1]
+            line = (
+                f"held-out score [95 % CI]: {format_score(first)} at the start -> {format_score(last)} at "
+                f"iteration {last.iteration}"
+            )
+            before = progress.evaluated[1].get("scores_previous")
+            after = progress.evaluated[last.iteration].get("scores")
+            if isinstance(before, list) and isinstance(after, list) and before and len(before) == len(after):
+                change, stderr = paired_change(before, after)
+                line += f"; change {change:+.4f} ± {stderr:.4f} (paired SE)"
+            lines.append(line)
+        lines += [w for t in sorted(progress.evaluated) for w in progress.evaluated[t].get("warnings", [])]
+        return "\n".join(lines) or None
 
 
 def _normalised(document: dict) -> dict:

@@ -105,6 +105,7 @@ def spin_objective(
     beta: float,
     loss_type: str = "sigmoid",
     *,
+    spin_weight: float = 1.0,
     sft_weight: float = 0.0,
     real_token_counts: torch.Tensor | None = None,
     kl_to_base: float = 0.0,
@@ -115,11 +116,13 @@ def spin_objective(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """SPIN plus the opt-in regularisers, per example: (losses, real rewards, generated rewards, terms).
 
-    losses = spin_loss + sft_weight * nll_per_token(real) + kl_to_base * k3_per_token(real tokens vs base)
-    `terms` holds the detached per-example parts that are on: "spin", and "sft" / "kl" when their weight is > 0.
-    `lengths`: the answers' token counts, for IPO's per-token target (see spin_loss).
-    The opponent log-probs are whatever the caller passes (M_{t-1}'s, or `mixture_logps` of several iterates).
-    With both weights 0 the returned losses are spin_loss's tensor itself: the paper's method, bit for bit.
+    losses = spin_weight * spin_loss + sft_weight * nll_per_token(real) + kl_to_base * k3_per_token(real vs base)
+    `terms` holds the detached per-example parts that are on: "spin" (unweighted, always: a diagnostic even when
+    spin_weight is 0), and "sft" / "kl" when their weight is > 0. spin_weight 0 with sft_weight 1 is plain continued
+    SFT on the real answers (training.objective: sft). `lengths`: the answers' token counts, for IPO's per-token
+    target (see spin_loss). The opponent log-probs are whatever the caller passes (M_{t-1}'s, or `mixture_logps` of
+    several iterates). With spin_weight 1 and both other weights 0 the returned losses are spin_loss's tensor itself:
+    the paper's method, bit for bit.
     """
     losses, real_rewards, generated_rewards = spin_loss(
         policy_real_logps,
@@ -131,8 +134,16 @@ def spin_objective(
         lengths,
     )
     terms = {"spin": losses.detach()}
-    if sft_weight < 0 or kl_to_base < 0:
-        raise ValueError(f"sft_weight and kl_to_base must be >= 0, got {sft_weight} and {kl_to_base}")
+    if spin_weight < 0 or sft_weight < 0 or kl_to_base < 0:
+        raise ValueError(
+            f"spin_weight, sft_weight and kl_to_base must be >= 0, got {spin_weight}, {sft_weight} and {kl_to_base}"
+        )
+    if spin_weight == 0 and sft_weight == 0 and kl_to_base == 0:
+        raise ValueError("spin_weight, sft_weight and kl_to_base are all 0: the objective has nothing to train")
+    if spin_weight == 0:
+        losses = torch.zeros_like(losses)  # no SPIN gradient at all (0 * loss would still backpropagate through it)
+    elif spin_weight != 1:
+        losses = spin_weight * losses
     if sft_weight > 0:
         if real_token_counts is None:
             raise ValueError("sft_weight > 0 needs real_token_counts")

@@ -71,7 +71,13 @@ def stop_rule(spec: SpinRunSpec) -> StopRule:
     if ev is None:
         return StopRule()
     w = ev.stop_when
-    return StopRule(metric=ev.metric, patience=w.patience, min_delta=w.min_delta, margin_below=w.margin_below)
+    return StopRule(
+        metric=ev.metric,
+        patience=w.patience,
+        min_delta=w.min_delta,
+        margin_below=w.margin_below,
+        collapse=w.collapse,
+    )
 
 
 def baseline(progress: Progress, metric: str) -> float | None:

@@ -1,8 +1,9 @@
 """`spin report RUN_URI`: a PNG of the run's metrics and a short Markdown summary beside it.
 
-Both name the method (`variant_label`: "SPIN (paper)" or the regularised variant) and show the collapse diagnostics:
-log p(real answer) and log p(generated answer) under the policy, their change against M_{t-1}, identical pairs, and
-the trainer's warnings."""
+Both name the method (`variant_label`: "SPIN (paper)" or the regularised variant), show the held-out score per model
+with its 95 % interval (the starting model as iteration 0) and the collapse diagnostics: log p(real answer) and
+log p(generated answer) under the policy, their change against M_{t-1}, identical pairs, held-out log p(real), and
+the trainer's and the evaluation's warnings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from spin_core import layout
 from spin_core.errors import SpinError
+from spin_core.stopping import HeldoutPoint, format_score, heldout_points
 from spin_core.store import NotPublished, Store
 from spin_core.variants import variant_label
 
@@ -55,14 +57,18 @@ def collect(store: Store) -> tuple[dict[str, Any], dict[int, dict[str, Any]], di
     return run, metrics, evals
 
 
-def plot(metrics: dict[int, dict[str, Any]], path: Path, title: str) -> None:
+def plot(
+    metrics: dict[int, dict[str, Any]], path: Path, title: str, evals: dict[int, dict[str, Any]] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
-    for ax, (key, label) in zip(axes.flat, STEP_PANELS, strict=True):
+    fig, axes = plt.subplots(2, 4, figsize=(20, 7))
+    step_axes = [*axes[0, :3], *axes[1, :3]]
+    plot_heldout(axes[0, 3], axes[1, 3], heldout_points(evals or {}))
+    for ax, (key, label) in zip(step_axes, STEP_PANELS, strict=True):
         offset = 0
         for t, m in sorted(metrics.items()):
             steps = [s for s in m.get("steps", []) if isinstance(s.get(key), int | float)]
@@ -73,12 +79,34 @@ def plot(metrics: dict[int, dict[str, Any]], path: Path, title: str) -> None:
         ax.set_title(label)
         ax.set_xlabel("optimizer step (cumulative)")
         ax.grid(alpha=0.3)
-    if any(ax.lines for ax in axes.flat):
-        axes.flat[0].legend()
+    if any(ax.lines for ax in step_axes):
+        step_axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_heldout(score_ax, logp_ax, points: list[HeldoutPoint]) -> None:
+    """Per model (iteration 0 = the start): the held-out score with its 95 % interval, and held-out log p(real)."""
+    scored = [p for p in points if p.score is not None]
+    if scored:
+        xs, ys = [p.iteration for p in scored], [p.score for p in scored]
+        low = [p.score - p.low if p.low is not None else 0.0 for p in scored]
+        high = [p.high - p.score if p.high is not None else 0.0 for p in scored]
+        score_ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=4)
+        for x, y in zip(xs, ys, strict=True):
+            score_ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 4))
+    score_ax.set_title("held-out score (95 % interval); 0 = start")
+    logged = [p for p in points if p.logp_real is not None]
+    if logged:
+        logp_ax.plot([p.iteration for p in logged], [p.logp_real for p in logged], marker="o")
+    logp_ax.set_title("held-out log p(real answer); 0 = start")
+    for ax in (score_ax, logp_ax):
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if points:
+            ax.set_xticks(sorted({p.iteration for p in points}))
 
 
 Metrics = dict[int, dict[str, Any]]
@@ -105,13 +133,17 @@ def markdown(run: dict[str, Any], metrics: Metrics, evals: Metrics, png: str) ->
         "",
         f"![metrics]({png})",
         "",
-        "| iteration | " + " | ".join(SUMMARY) + " | eval score |",
-        "|---" * (len(SUMMARY) + 2) + "|",
+        "| iteration | " + " | ".join(SUMMARY) + " | held-out score [95 % CI] | held-out log p(real) |",
+        "|---" * (len(SUMMARY) + 3) + "|",
     ]
-    for t in sorted(set(metrics) | set(evals)):
+    points = {p.iteration: p for p in heldout_points(evals)}
+    for t in sorted(set(metrics) | set(evals) | set(points)):
         final = metrics.get(t, {}).get("final", {})
         cells = [_cell(final.get(k)) for k in SUMMARY]
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {_cell(evals.get(t, {}).get('score'))} |")
+        point = points.get(t)
+        held = [format_score(point), _cell(point.logp_real)] if point else ["-", "-"]
+        label = "0 (start)" if t == 0 else str(t)
+        lines.append(f"| {label} | " + " | ".join(cells + held) + " |")
     lines.append("")
     lines.append(
         "`logps/*`: mean summed log-prob of the answers under the policy during the last epoch; "
@@ -120,6 +152,7 @@ def markdown(run: dict[str, Any], metrics: Metrics, evals: Metrics, png: str) ->
     )
     lines.append("")
     warnings = [w for t in sorted(metrics) for w in metrics[t].get("warnings", [])]
+    warnings += [w for t in sorted(evals) for w in evals[t].get("warnings", [])]
     if warnings:
         lines += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     return "\n".join(lines)
@@ -139,6 +172,6 @@ def write_report(run_uri: str, out_dir: Path, endpoint: str | None = None) -> tu
     out_dir.mkdir(parents=True, exist_ok=True)
     name = run.get("metadata", {}).get("name", "run")
     png, md = out_dir / f"{name}-report.png", out_dir / f"{name}-report.md"
-    plot(metrics, png, f"SpinRun {name} · {method(run)}")
+    plot(metrics, png, f"SpinRun {name} · {method(run)}", evals)
     md.write_text(markdown(run, metrics, evals, png.name))
     return png, md

@@ -442,6 +442,10 @@ class Training(Placement):
     (e.g. torch-distributed); each training step is then a TrainJob (trainer.kubeflow.org/v1alpha1). Empty: a
     PyTorchJob (Kubeflow Training Operator v1)."""
     # Regularised SPIN variants (opt-in; the defaults are the paper's method). See README and spin_core/losses.py.
+    objective: Literal["spin", "sft"] = "spin"
+    """spin: the SPIN loss (plus the opt-in terms below); sft: continued SFT through the same trainer, optimizer and
+    data: the real answer's mean per-token NLL only (plus klToBase when set; loss, beta and sftWeight unused).
+    The control arm that says what self-play adds over more SFT."""
     sft_weight: float = Field(default=0.0, ge=0.0)
     """Adds sftWeight x the mean per-token NLL of the real answer to each pair's loss (RPO-style anchoring);
     0 is the paper's SPIN."""
@@ -520,7 +524,7 @@ class ScheduleEntry(Spec):
 
 
 class StopWhen(Spec):
-    """When to end a run early (after an iteration's evaluation). Both rules are off by default."""
+    """When to end a run early (after an iteration's evaluation). Every rule is off by default."""
 
     patience: int = Field(default=0, ge=0, le=MAX_ITERATIONS)
     """Stop when evaluation.metric has not improved by more than minDelta for this many iterations; 0 is off."""
@@ -528,6 +532,10 @@ class StopWhen(Spec):
     """Smallest improvement that counts."""
     margin_below: float | None = None
     """Stop when the held-out reward margin of the new model against its opponent falls below this."""
+    collapse: bool = False
+    """Stop when an iteration's evaluation warns of a collapse: its held-out score fell below M_{t-1}'s by more than
+    2 standard errors of the paired change, or its held-out log p(real answer) fell by more than
+    training.collapseWarnNats. The evaluation warns either way; this makes the warning end the run."""
 
 
 class Evaluation(Spec):

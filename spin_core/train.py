@@ -47,7 +47,7 @@ from spin_core.pairs import (
 from spin_core.spec import OpponentMixture
 from spin_core.store import AlreadyPublished, NotPublished
 from spin_core.termination import write_termination_message
-from spin_core.variants import variant_label
+from spin_core.variants import loss_weights, variant_label
 
 # Per optimizer step (means over the step's pairs) and per epoch. Log-probs are of the answer tokens under the policy
 # as it is at that step (before the step's update): "logps/real" / "logps/generated" summed per answer, "_per_token"
@@ -79,7 +79,8 @@ STEP0_TOLERANCE = 1e-3  # nats per answer token
 def metric_names(training) -> tuple[str, ...]:
     """METRICS plus the regularisers' unweighted terms when they are on: loss/sft (per-token NLL of the real answer)
     and loss/kl (the k3 divergence from the base model)."""
-    extra = (("loss/sft",) if training.sft_weight > 0 else ()) + (("loss/kl",) if training.kl_to_base > 0 else ())
+    _, sft_weight, _ = loss_weights(training)
+    extra = (("loss/sft",) if sft_weight > 0 else ()) + (("loss/kl",) if training.kl_to_base > 0 else ())
     return METRICS + extra
 
 
@@ -568,7 +569,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         names = self.metric_names
-        sft, kl = tr.sft_weight > 0, tr.kl_to_base > 0
+        spin_weight, sft_weight, _ = loss_weights(tr)  # objective sft: NLL only
+        sft, kl = sft_weight > 0, tr.kl_to_base > 0
         # Accumulators live on the training device: NCCL reduces only device tensors.
         epoch_sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
         first_step = global_step == 0
@@ -611,7 +613,8 @@ class Trainer:
                     m_gen,
                     self.beta,
                     tr.loss,
-                    sft_weight=tr.sft_weight,
+                    spin_weight=spin_weight,
+                    sft_weight=sft_weight,
                     real_token_counts=n_real if sft else None,
                     kl_to_base=tr.kl_to_base,
                     lengths=(n_real, n_gen) if tr.loss == "ipo" else None,

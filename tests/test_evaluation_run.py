@@ -63,12 +63,42 @@ def test_run_evaluates_each_iteration_stops_early_and_names_the_best_model(tmp_p
     assert evaluation["heldout"] == 24
     assert 0.0 <= evaluation["score"] <= 1.0 and 0.0 <= evaluation["baseline_score"] <= 1.0
     assert 0.0 <= evaluation["rewards/accuracies"] <= 1.0
+    # Both models' per-prompt scores, the start's as M_0 = baseline, each with its interval, and the paired change.
+    assert len(evaluation["scores"]) == len(evaluation["scores_previous"]) == 24
+    assert evaluation["score"] == sum(evaluation["scores"]) / 24
+    assert evaluation["score_previous"] == evaluation["baseline_score"] == sum(evaluation["scores_previous"]) / 24
+    for prefix in ("score", "score_previous"):
+        assert evaluation[f"{prefix}_ci95_low"] <= evaluation[prefix] <= evaluation[f"{prefix}_ci95_high"]
+        assert evaluation[f"{prefix}_ci95_high"] - evaluation[f"{prefix}_ci95_low"] > 0.1  # 24 prompts: wide
+    assert evaluation["score_change"] == pytest.approx(evaluation["score"] - evaluation["score_previous"])
+    assert evaluation["logps/real_change"] == pytest.approx(
+        evaluation["logps/real"] - evaluation["logps/real_previous"]
+    )
+    assert evaluation["collapse"] == float(bool(evaluation["warnings"]))
     assert summary["iterations"] == 1 and "fell below 100.0" in summary["stopReason"]
     assert summary["bestIteration"] == 1
     assert summary["bestCheckpoint"] == store.uri_of(layout.checkpoint(1))
     assert store.is_published(layout.checkpoint(1))
     assert store.published("iter-2/") == []
     assert "stopped early" in result.stderr
+
+
+@pytest.mark.slow
+def test_stop_when_collapse_ends_the_run_when_the_heldout_evaluation_warns(tmp_path, demo_dir):
+    """Bare SPIN at a high learning rate pushes the held-out log p(real answer) down in iteration 1; with a low
+    collapseWarnNats the evaluation warns and stopWhen.collapse ends a 3-iteration run there, saying why."""
+    spec = spec_file(tmp_path, demo_dir, {"scorer": "spin_core.demo:score", "stopWhen": {"collapse": True}})
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["training"].update(learningRate=3e-3, epochs=3, collapseWarnNats=0.05, sftWeight=0.0)
+    spec.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([*SPIN, "run", str(spec), "--json"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    evaluation = Store.open(f"file://{tmp_path}/run").read_json(layout.evaluation(1))
+    assert evaluation["logps/real_change"] < -0.05, "the setting no longer lowers held-out log p(real): pick another"
+    assert evaluation["collapse"] == 1.0 and "held-out log p(real answer) fell by" in evaluation["warnings"][-1]
+    assert summary["iterations"] == 1 and "evaluation of iteration 1 warned of a collapse" in summary["stopReason"]
+    assert "warning: iteration 1: the held-out log p(real answer) fell" in result.stderr
 
 
 @pytest.mark.parametrize(

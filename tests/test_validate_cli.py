@@ -88,7 +88,7 @@ def test_several_files_one_bad(tmp_path):
             id="wrong-kind",
         ),
         pytest.param(
-            TINY.replace("    learningRate: 1.0e-4", "    lerningRate: 1.0e-4"),
+            TINY.replace("    learningRate: 3.0e-4", "    lerningRate: 3.0e-4"),
             ["spec.training.lerningRate: unknown field (did you mean learningRate?)"],
             id="unknown-field",
         ),
@@ -215,6 +215,6 @@ def test_no_file_is_a_usage_error():
 
 def test_numbers_are_read_as_kubectl_reads_them(tmp_path):
     """`1e-4` is a number for kubectl (YAML 1.2) though a string for plain PyYAML (YAML 1.1)."""
-    path = write(tmp_path, TINY.replace("learningRate: 1.0e-4", "learningRate: 1e-4"))
+    path = write(tmp_path, TINY.replace("learningRate: 3.0e-4", "learningRate: 3e-4"))
     done = spin("validate", path)
     assert done.returncode == 0, done.stderr
