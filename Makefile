@@ -33,7 +33,8 @@ endif
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The tiny demo: a weak SFT model on two-digit addition, then a 2-iteration SpinRun on it (about 5 minutes on CPU).
+# The tiny demo: a weak SFT model on two-digit addition, then a 2-iteration SpinRun (SPIN + NLL) on it (about 2 minutes
+# on 2 cores).
 run: $(VENV_STAMP)
 	test -d demo/sft-model || .venv/bin/spin demo prepare demo
 	.venv/bin/spin run manifests/examples/spinrun-tiny.yaml
