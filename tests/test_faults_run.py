@@ -21,7 +21,7 @@ import yaml
 from spin_core import layout
 from spin_core.context import is_heldout
 from spin_core.store import Store
-from tests.fixtures.models import make_chat_rows
+from tests.fixtures.models import CPU_TRAINING, make_chat_rows
 
 SPIN = [sys.executable, "-m", "spin_core"]
 HELDOUT = 0.25
@@ -35,18 +35,7 @@ def spec_document(model: Path, data: Path, run_dir: Path, **changes) -> dict:
         "storage": {"uri": f"file://{run_dir}"},
         "iterations": 1,
         "generation": {"backend": "hf", "shards": 2, "maxNewTokens": 8, "gpusPerShard": 0, "seed": 3},
-        "training": {
-            "learningRate": 1e-4,
-            "epochs": 1,
-            "globalBatchSize": 8,
-            "microBatchSize": 4,
-            "maxLength": 96,
-            "maxPromptLength": 48,
-            "zeroStage": 2,
-            "processesPerNode": 2,
-            "gpusPerNode": 0,
-            "checkpointEverySteps": 1,
-        },
+        "training": dict(CPU_TRAINING),
         "evaluation": {
             "heldoutFraction": HELDOUT,
             "scorer": "tests.faulty_scorer:score",

@@ -17,6 +17,7 @@ import yaml
 from spin_core import layout
 from spin_core.rows import read_rows
 from spin_core.store import Store
+from tests.fixtures.models import CPU_TRAINING
 
 SPIN = [sys.executable, "-m", "spin_core"]
 
@@ -34,19 +35,7 @@ def write_spec(
             "storage": storage,
             "iterations": 2,
             "generation": {"backend": "vllm", "shards": 2, "maxNewTokens": 12, "gpusPerShard": 0, **generation},
-            "training": {
-                "learningRate": 1e-4,
-                "epochs": 1,
-                "globalBatchSize": 8,
-                "microBatchSize": 4,
-                "maxLength": 96,
-                "maxPromptLength": 48,
-                "zeroStage": 2,
-                "processesPerNode": 2,
-                "gpusPerNode": 0,
-                "checkpointEverySteps": 1,
-                **(training or {}),
-            },
+            "training": {**CPU_TRAINING, **(training or {})},
         },
     }
     path = folder / "spinrun.yaml"
