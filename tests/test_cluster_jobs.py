@@ -9,6 +9,7 @@ volumes and user, and reports its status as a kubelet does.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from tests.fixtures.cluster import Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "ghcr.io/spin-selfplay/spin-operator:0.1.0"  # a known image: images/operator/Dockerfile (USER 10001)
 
 # The container's program: reports what it sees through its termination message (JSON).
@@ -143,6 +145,51 @@ def test_a_failing_job_reports_exit_code_and_log_tail(cluster: Cluster, cluster_
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == 3 and terminated["reason"] == "Error"
     assert terminated["message"].splitlines()[-1] == "bad input: no such column"
+
+
+# The pod's program, run from the checkout with an emptyDir over the checkout's top folder.
+UNDER_A_VOLUME = """
+import json, os, pathlib, sys
+import spin_core
+top = pathlib.Path(sys.argv[1])
+(top / "written-by-the-pod").write_text("only in the volume")
+seen = {"spin_core": spin_core.__file__, "top": sorted(os.listdir(top))}
+pathlib.Path("/dev/termination-log").write_text(json.dumps(seen))
+"""
+
+
+def test_a_volume_over_the_checkouts_folder_hides_the_folder_not_the_checkout(
+    cluster: Cluster, cluster_namespace: str
+) -> None:
+    """An emptyDir mounted over the folder that holds the checkout (the operator's and trainer's pods mount one at
+    /tmp, and a checkout may live under /tmp, as a CI clone does): the volume hides the host's folder, while the
+    stand-in's "image" (the venv's Python and the checkout) stays visible on top of it, as an image's files would
+    in a real container."""
+    ns = cluster_namespace
+    top = Path("/", ROOT.parts[1])
+    body = job(
+        "under-a-volume",
+        ["python", "-c", UNDER_A_VOLUME, str(top)],
+        container={"volumeMounts": [{"name": "scratch", "mountPath": str(top)}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}],
+    )
+    cluster.api.create(f"/apis/batch/v1/namespaces/{ns}/jobs", body)
+    cluster.api.wait_for(
+        "Job under-a-volume to end",
+        lambda: (
+            job_condition(cluster, ns, "under-a-volume", "Complete")
+            or job_condition(cluster, ns, "under-a-volume", "Failed")
+        ),
+        timeout=120,
+        describe=lambda: cluster.describe(ns),
+    )
+    (pod,) = job_pods(cluster, ns, "under-a-volume")
+    log = cluster.container_log(ns, pod["metadata"]["name"], "main")
+    assert job_condition(cluster, ns, "under-a-volume", "Complete"), log
+    seen = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    assert Path(seen["spin_core"]).is_relative_to(ROOT)
+    assert seen["top"] == sorted({ROOT.parts[2], "written-by-the-pod"})  # the volume, holding just the checkout
+    assert not (top / "written-by-the-pod").exists()
 
 
 def pod_body(name: str, image: str, **spec: Any) -> dict[str, Any]:

@@ -1038,6 +1038,7 @@ class Kubelet:
             mounts.append(
                 {"source": str(source), "target": mount["mountPath"], "readOnly": mount.get("readOnly", False)}
             )
+        mounts += self.keep_visible([m["mountPath"] for m in spec.get("volumeMounts") or []])
         return {"argv": argv, "env": env, "cwd": cwd, "uid": uid, "gid": gid, "groups": groups, "mounts": mounts}
 
     def reveal(self, uid: int) -> list[dict[str, Any]]:
@@ -1047,7 +1048,7 @@ class Kubelet:
         if uid == 0:
             return []
         mounts: list[dict[str, Any]] = []
-        for path in sorted({Path(sys.base_prefix).resolve(), self.repo.resolve(), self.bin.resolve().parent}):
+        for path in self.host_paths():
             for ancestor in reversed(path.parents):
                 if not ancestor.stat().st_mode & 0o001:
                     if {"target": str(ancestor), "tmpfs": True} not in mounts:
@@ -1055,6 +1056,21 @@ class Kubelet:
                     mounts.append({"source": str(path), "target": str(path), "readOnly": True})
                     break
         return mounts
+
+    def host_paths(self) -> list[Path]:
+        """What stands in for the image's files: the host's Python, the venv and the checkout."""
+        return sorted({Path(sys.base_prefix).resolve(), self.repo.resolve(), self.bin.resolve().parent})
+
+    def keep_visible(self, volume_targets: list[str]) -> list[dict[str, Any]]:
+        """A volume mounted over a folder that holds the host's Python, venv or checkout (an emptyDir at /tmp, with
+        the checkout under /tmp) would hide the stand-in's "image": bind those paths again on top of it (the shim
+        mounts parents before children). In a real container the image's files are elsewhere than its volumes."""
+        targets = [Path(t) for t in volume_targets]
+        return [
+            {"source": str(path), "target": str(path)}
+            for path in self.host_paths()
+            if any(t == path or t in path.parents for t in targets)
+        ]
 
     def resolve(self, program: str, path: str) -> str:
         if "/" in program:
