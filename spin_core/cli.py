@@ -257,7 +257,10 @@ def operator_command(
         int | None,
         typer.Option(
             "--priority",
-            help="Peering priority (the highest serves; must differ between replicas). Default: start time in ms.",
+            help=(
+                "Peering priority (the highest serves; must differ between replicas). "
+                "Default: the start time in milliseconds with 3 random digits below."
+            ),
         ),
     ] = None,
     metrics_port: Annotated[

@@ -918,3 +918,21 @@ def test_the_operations_guide_lists_exactly_the_metrics_the_operator_serves() ->
     guide = (root / "docs/operations.md").read_text()
     listed = set(re.findall(r"^\| `(spin_operator_\w+)(?:\{\w+\})?` \|", guide, flags=re.M))
     assert len(served) >= 8 and served == listed
+
+
+def test_replicas_started_in_the_same_millisecond_take_distinct_peering_priorities(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf pauses every replica while two share a peering priority. Two pods started together read the same
+    millisecond (seen on the test control plane: both paused for good); the default priority differs anyway, and
+    a replica started later still outranks an earlier one."""
+    import spin_operator
+
+    now = 1_796_686_608_555_123_456  # ns
+    monkeypatch.setattr(spin_operator.time, "time_ns", lambda: now)
+    same_millisecond = [spin_operator.default_priority() for _ in range(20)]
+    assert len(set(same_millisecond)) > 1, same_millisecond
+    assert all(1_796_686_608_555_000 <= p <= 1_796_686_608_555_999 for p in same_millisecond)
+    monkeypatch.setattr(spin_operator.time, "time_ns", lambda: now + 1_000_000)
+    assert spin_operator.default_priority() > max(same_millisecond)
+    assert max(same_millisecond) < 2**53  # exact wherever the peering record is read as JSON
