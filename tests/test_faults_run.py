@@ -325,8 +325,14 @@ def test_a_crashed_job_is_a_failed_step(finished, tmp_path):
 
 def test_ctrl_c_is_130_and_stops_the_job(finished, tmp_path):
     spec, _ = finished.copy(tmp_path, drop=TRAINED + GENERATED)
+    # As from a terminal: SIGINT at its default. A shell starts background jobs (`make test &`, a CI runner's) with
+    # SIGINT ignored, which spin run would inherit, and then Ctrl-C could not reach it.
     proc = subprocess.Popen(
-        [*SPIN, "run", str(spec), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*SPIN, "run", str(spec), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for(lambda: job_processes(proc, "spin_core generate"), proc, 300, "the generation job")
     everything = descendants(proc.pid)
