@@ -373,11 +373,18 @@ class Result:
     """CPU seconds: the operator's event-loop thread, the API server + driver, the operator's other threads."""
     operator_requests: int = 0
     conflicts: int = 0
+    """The operator's requests answered 409 (real API server only: the emulator never answers 409)."""
     write_seconds: list[float] = field(default_factory=list)
     """Real API server: how long it took to answer the terminal status writes (received -> response complete)."""
-    """The operator's requests answered 409 (real API server only: the emulator never answers 409)."""
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def operator_stats(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """The operator's reconciliation counters over the scenario (its stats before and after), and the load."""
+        self.load_after = os.getloadavg()
+        self.reconciles = int(after["reconciles"] - before["reconciles"])
+        self.reconcile_errors = int(after["reconcile_errors"] - before["reconcile_errors"])
+        self.reconcile_seconds = after["reconcile_seconds"] - before["reconcile_seconds"]
 
     @property
     def all(self) -> list[float]:
@@ -439,10 +446,7 @@ async def scenario(args: argparse.Namespace, runs: int, tmp: Path) -> Result:
         finally:
             await driver.close()
             await op.stop()
-        result.load_after = os.getloadavg()
-        result.reconciles = int(stats2["reconciles"] - stats0["reconciles"])
-        result.reconcile_errors = int(stats2["reconcile_errors"] - stats0["reconcile_errors"])
-        result.reconcile_seconds = stats2["reconcile_seconds"] - stats0["reconcile_seconds"]
+        result.operator_stats(stats0, stats2)
 
         # The operator's requests, by the API server's log: creations (receive time) and deletions.
         posts: dict[tuple[str, str], list[float]] = {}
@@ -702,10 +706,7 @@ async def scenario_real(args: argparse.Namespace, runs: int, real: RealApi) -> R
         stats2 = await op.stats()
     finally:
         await op.stop()
-    result.load_after = os.getloadavg()
-    result.reconciles = int(stats2["reconciles"] - stats0["reconciles"])
-    result.reconcile_errors = int(stats2["reconcile_errors"] - stats0["reconcile_errors"])
-    result.reconcile_seconds = stats2["reconcile_seconds"] - stats0["reconcile_seconds"]
+    result.operator_stats(stats0, stats2)
 
     # The audit log: the operator's creations (receive time), the controllers' terminal status writes (completion).
     posts: dict[tuple[str, str], list[float]] = {}

@@ -40,6 +40,13 @@ def require_chat_template(tokenizer: Any, where: str) -> None:
         )
 
 
+def check_tokenizer(tokenizer: Any, where: str) -> None:
+    """What SPIN needs of a tokenizer: a chat template and an eos token (or generated answers could not end)."""
+    require_chat_template(tokenizer, where)
+    if tokenizer.eos_token_id is None:
+        raise ChatTemplateError(f"{where}: the tokenizer has no eos token, so generated answers could not end")
+
+
 def render_prompt(tokenizer: Any, prompt: list[dict[str, str]]) -> str:
     """The prompt as text: the chat template applied with the generation prompt (e.g. '<|assistant|>\\n') at the end."""
     if not getattr(tokenizer, "chat_template", None):
@@ -287,9 +294,7 @@ def load_tokenizer(model_dir: Path, where: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ChatTemplateError(f"{where}: cannot load the tokenizer: {e}") from None
-    require_chat_template(tokenizer, where)
-    if tokenizer.eos_token_id is None:
-        raise ChatTemplateError(f"{where}: the tokenizer has no eos token, so generated answers could not end")
+    check_tokenizer(tokenizer, where)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -189,7 +189,7 @@ def check_tokenizer(folder: Path, where: str, config: dict[str, Any], prompts: I
     `prompts` (one prompt per sequence of roles: the template's branches, not every row), and fits the model's
     embedding table. Uses the fast tokenizer's own class when tokenizer.json exists (about a second), else the
     jobs' loader."""
-    from spin_core.chat import ChatTemplateError, load_tokenizer, render_prompt, require_chat_template
+    from spin_core.chat import ChatTemplateError, check_tokenizer, load_tokenizer, render_prompt
 
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
@@ -199,9 +199,7 @@ def check_tokenizer(folder: Path, where: str, config: dict[str, Any], prompts: I
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ChatTemplateError(f"{where}: cannot load the tokenizer: {_first_line(e)}") from None
-        require_chat_template(tokenizer, where)
-        if tokenizer.eos_token_id is None:
-            raise ChatTemplateError(f"{where}: the tokenizer has no eos token, so generated answers could not end")
+        check_tokenizer(tokenizer, where)
     else:
         tokenizer = load_tokenizer(folder, where)
     shapes: dict[tuple[str, ...], list[dict[str, str]]] = {}
